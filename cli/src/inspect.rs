@@ -1,0 +1,10 @@
+//! `dpir inspect` (placeholder).
+
+use crate::CliResult;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> CliResult {
+    Err("`dpir inspect` is not implemented yet".into())
+}

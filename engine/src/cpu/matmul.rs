@@ -1,0 +1,106 @@
+//! f32 matrix products for the CPU backend.
+//!
+//! `linear` is the workhorse: `y[m, n] = x[m, k] · w[n, k]ᵀ + b[n]` (PyTorch `nn.Linear`
+//! layout, which is what every checkpoint stores).
+
+use gemm::{gemm, Parallelism};
+
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    if m * n * k < 64 * 64 * 64 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (+ `c` when `accumulate`). All row-major, contiguous.
+pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // SAFETY: the asserts above bound every index the strides below can reach.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[n, k]ᵀ`. Row-major, contiguous.
+pub fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    // SAFETY: as above; bᵀ is read with row stride 1 and column stride k.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`.
+pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    matmul_bt(x, w, &mut y, m, k, n);
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(n) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive() {
+        let (m, k, n) = (5, 7, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b = [0.5, -1.0, 2.0];
+        let y = linear(&x, &w, Some(&b), m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f32>() + b[j];
+                assert!((y[i * n + j] - r).abs() < 1e-5, "{i},{j}: {} vs {r}", y[i * n + j]);
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! dpir engine: the CPU reference backend, the CUDA backend and the DPIR pipeline.
+
+pub mod cpu;
+pub mod error;
+pub mod models;
+pub mod tensor;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;
+pub use weights::WeightSource;

@@ -1,0 +1,1 @@
+//! Model graphs on the CPU backend, each mirroring the original module paths.

@@ -1,0 +1,64 @@
+//! Where model code gets its weights: a name → f32 tensor source in the canonical
+//! layout (see docs/WEIGHTS.md). The loader's components implement it; tests use a
+//! `HashMap`. Model code never sees file layouts, prefixes or dtypes.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+pub trait WeightSource {
+    /// The tensor `name` in f32 (cast from f16/bf16 as needed).
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+    /// Whether `name` exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Shape of `name` without materialising it.
+    fn shape(&self, name: &str) -> Result<Vec<usize>>;
+
+    /// `tensor(name)`, checked against an expected shape.
+    fn tensor_shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if t.shape != expected {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: t.shape,
+            });
+        }
+        Ok(t)
+    }
+}
+
+impl WeightSource for HashMap<String, Tensor> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.get(name)
+            .cloned()
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.get(name)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+}
+
+/// A view of another source under a name prefix (`"joint_blocks.3."`).
+pub struct Prefixed<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub prefix: String,
+}
+
+impl WeightSource for Prefixed<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.inner.tensor(&format!("{}{name}", self.prefix))
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(&format!("{}{name}", self.prefix))
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.inner.shape(&format!("{}{name}", self.prefix))
+    }
+}
