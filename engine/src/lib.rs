@@ -1,8 +1,10 @@
 //! dpir engine: the CPU reference backend, the CUDA backend and the DPIR pipeline.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod models;
+pub mod pipeline;
 pub mod tensor;
 pub mod weights;
 

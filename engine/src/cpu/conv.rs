@@ -1,0 +1,1 @@
+//! Convolutions, GroupNorm and resampling (CPU).

@@ -1,0 +1,1 @@
+//! Element-wise ops, norms and activations (CPU).

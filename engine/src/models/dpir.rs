@@ -1,0 +1,1 @@
+//! dpir (placeholder).

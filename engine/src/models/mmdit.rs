@@ -1,0 +1,1 @@
+//! mmdit (placeholder).

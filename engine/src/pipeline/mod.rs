@@ -1,0 +1,1 @@
+//! Sampler, tiling and the restoration pipeline (placeholder).
