@@ -3,6 +3,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod image_io;
 pub mod models;
 pub mod pipeline;
 pub mod tensor;

@@ -1,0 +1,1 @@
+//! Image decoding/encoding for the pipeline (placeholder).
