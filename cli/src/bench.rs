@@ -1,17 +1,565 @@
-//! `dpir bench` and `dpir profile` (placeholder).
+//! `dpir bench` and `dpir profile`.
+//!
+//! `dpir bench --device cuda` first measures the device's ceilings (a large bf16 GEMM through
+//! cuBLASLt; a large device-to-device copy), then times each op at the configuration's real
+//! shapes (achieved TFLOP/s or GB/s beside the ceiling), then one full sampling step, and
+//! reports peak memory. Weights are seeded random values of the real shapes (said in the
+//! output). `dpir profile` breaks one step down per op with CUDA events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dpir_engine::cuda::mmdit::Profile;
+use dpir_engine::cuda::{Bf16, CudaDevice, CudaMmdit, DView, Gemm, Timer};
+use dpir_engine::models::mmdit::Mmdit;
+use dpir_engine::{Error, Tensor};
+use dpir_loader::config::MmditConfig;
+use serde_json::{json, Value};
 
 use crate::CliResult;
 
-#[derive(clap::Args)]
-pub struct Args {}
-
-#[derive(clap::Args)]
-pub struct ProfileArgs {}
-
-pub fn run(_args: Args) -> CliResult {
-    Err("`dpir bench` is not implemented yet".into())
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
 }
 
-pub fn profile(_args: ProfileArgs) -> CliResult {
-    Err("`dpir profile` is not implemented yet".into())
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: Device,
+    /// Configuration: sd3-medium-1024, sd35-medium-1024, mid, tiny (default: sd3-medium-1024
+    /// on cuda, tiny on cpu).
+    #[arg(long)]
+    config: Option<String>,
+    /// Timed repetitions per measurement.
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct ProfileArgs {
+    /// Configuration: sd3-medium-1024, sd35-medium-1024, mid, tiny.
+    #[arg(long, default_value = "sd3-medium-1024")]
+    config: String,
+    /// Write the breakdown as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// A benchmark configuration: model, batch (CFG = 2), latent size, context tokens.
+struct BenchConfig {
+    name: &'static str,
+    model: MmditConfig,
+    batch: usize,
+    latent: usize,
+    ctx: usize,
+}
+
+fn bench_config(name: &str) -> Result<BenchConfig, Error> {
+    let (model, latent, ctx, name) = match name {
+        "sd3-medium-1024" => (MmditConfig::sd3_medium(), 128, 154, "sd3-medium-1024"),
+        "sd35-medium-1024" => (MmditConfig::sd35_medium(), 128, 154, "sd35-medium-1024"),
+        "mid" => (
+            MmditConfig {
+                depth: 12,
+                hidden: 768,
+                num_heads: 12,
+                mlp_hidden: 3072,
+                attn2_blocks: vec![false; 12],
+                ..MmditConfig::sd3_medium()
+            },
+            64,
+            154,
+            "mid",
+        ),
+        "tiny" => (MmditConfig::tiny(), 8, 5, "tiny"),
+        other => {
+            return Err(Error::Arg(format!(
+                "unknown bench config `{other}` (sd3-medium-1024, sd35-medium-1024, mid, tiny)"
+            )))
+        }
+    };
+    Ok(BenchConfig {
+        name,
+        model,
+        batch: 2,
+        latent,
+        ctx,
+    })
+}
+
+/// Analytic FLOPs of one forward (GEMMs, attention) at the config's shapes.
+fn step_flops(c: &BenchConfig) -> (f64, f64) {
+    let m = &c.model;
+    let (b, d, mlp) = (c.batch as f64, m.hidden as f64, m.mlp_hidden as f64);
+    let n = ((c.latent / m.patch_size) * (c.latent / m.patch_size)) as f64;
+    let l = c.ctx as f64;
+    let hd = m.head_dim() as f64;
+    let h = m.num_heads as f64;
+    let mut gemm = 0.0;
+    let mut attn = 0.0;
+    for i in 0..m.depth {
+        let last = i + 1 == m.depth;
+        let a2 = m.attn2_blocks.get(i).copied().unwrap_or(false);
+        let per_tok_full = 2.0 * (3.0 * d * d + d * d + 2.0 * d * mlp);
+        gemm += b * n * per_tok_full;
+        gemm += b
+            * l
+            * if last {
+                2.0 * 3.0 * d * d
+            } else {
+                per_tok_full
+            };
+        attn += 4.0 * b * h * (n + l) * (n + l) * hd;
+        if a2 {
+            gemm += b * n * 2.0 * 4.0 * d * d;
+            attn += 4.0 * b * h * n * n * hd;
+        }
+    }
+    gemm += b * n * 2.0 * d * (m.patch_size * m.patch_size * m.out_channels) as f64;
+    gemm += b * l * 2.0 * d * m.context_dim as f64;
+    (gemm, attn)
+}
+
+fn fmt_row(name: &str, ms: f64, metric: &str) -> String {
+    format!("  {name:<44} {ms:>9.3} ms   {metric}")
+}
+
+pub fn run(args: Args) -> CliResult {
+    let cfg_name = args.config.clone().unwrap_or_else(|| match args.device {
+        Device::Cuda => "sd3-medium-1024".into(),
+        Device::Cpu => "tiny".into(),
+    });
+    let bc = bench_config(&cfg_name)?;
+    let out = match args.device {
+        Device::Cuda => bench_cuda(&bc, args.reps.max(1))?,
+        Device::Cpu => bench_cpu(&bc, args.reps.max(1))?,
+    };
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&out)?)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn bench_cpu(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error::Error>> {
+    println!(
+        "dpir bench --device cpu, config {} (random weights of the real shapes)",
+        bc.name
+    );
+    let m = &bc.model;
+    let w = random_weights(m, 1);
+    let model = Mmdit::load(m, &w)?;
+    let (b, s) = (bc.batch, bc.latent);
+    let x = Tensor::zeros(&[b, m.in_channels, s, s]);
+    let y = Tensor::zeros(&[b, m.pooled_dim]);
+    let ctx = Tensor::zeros(&[b, bc.ctx, m.context_dim]);
+    let t = vec![500.0; b];
+    model.forward(&x, &t, &y, &ctx, None)?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        model.forward(&x, &t, &y, &ctx, None)?;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let (g, a) = step_flops(bc);
+    println!(
+        "{}",
+        fmt_row(
+            "MMDiT step (CFG batch 2)",
+            ms,
+            &format!("{:.1} GFLOP/s", (g + a) / ms / 1e6)
+        )
+    );
+    Ok(
+        json!({"device": "cpu", "config": bc.name, "weights": "random", "step_ms": ms, "step_gflop": (g + a) / 1e9}),
+    )
+}
+
+fn random_weights(m: &MmditConfig, seed: u64) -> HashMap<String, Tensor> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        ((s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let mut out = HashMap::new();
+    for spec in dpir_engine::cuda::mmdit::weight_specs(m, &|_| true) {
+        let n: usize = spec.shape.iter().product();
+        let fan_in = if spec.shape.len() >= 2 {
+            spec.shape[1..].iter().product::<usize>()
+        } else {
+            1
+        };
+        let a = 0.5 / (fan_in as f32).sqrt();
+        let data = (0..n)
+            .map(|_| {
+                if spec.f32 {
+                    1.0 + 0.1 * next()
+                } else {
+                    a * next()
+                }
+            })
+            .collect();
+        out.insert(
+            spec.name,
+            Tensor {
+                shape: spec.shape,
+                data,
+            },
+        );
+    }
+    out
+}
+
+struct Bench<'a> {
+    dev: &'a CudaDevice,
+    timer: Timer,
+    flush: DView<Bf16>,
+    reps: usize,
+}
+
+impl Bench<'_> {
+    /// Mean milliseconds of `f` over `reps` runs after one warm-up, L2 flushed before each.
+    fn time(&self, mut f: impl FnMut() -> Result<(), Error>) -> Result<f64, Error> {
+        f()?;
+        let mut total = 0.0;
+        for _ in 0..self.reps {
+            self.dev.fill_bytes(self.flush, 0)?;
+            self.timer.start(self.dev)?;
+            f()?;
+            total += self.timer.stop_ms(self.dev)? as f64;
+        }
+        Ok(total / self.reps as f64)
+    }
+}
+
+fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error::Error>> {
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => Arc::new(d),
+        Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
+        Err(e) => return Err(e.into()),
+    };
+    let (free0, total_mem) = dev.mem_info()?;
+    println!(
+        "dpir bench --device cuda, config {} on {} (sm_{}{})",
+        bc.name, dev.name, dev.cc.0, dev.cc.1
+    );
+    for (m, how) in &dev.module_report {
+        println!("  module {}: {how}", m.name());
+    }
+    let gemm = Gemm::new(&dev)?;
+    let flush_buf = dev.alloc(256 << 20)?;
+    let b = Bench {
+        dev: &dev,
+        timer: Timer::new(&dev)?,
+        flush: flush_buf.view::<Bf16>(),
+        reps,
+    };
+    let mut results = Vec::new();
+
+    // Ceilings.
+    println!("ceilings (measured here):");
+    let g = 8192usize;
+    let gbuf = dev.alloc(3 * g * g * 2)?;
+    let gv = gbuf.view::<Bf16>();
+    let (ga, gb, gc) = (
+        gv.sub(0, g * g)?,
+        gv.sub(g * g, g * g)?,
+        gv.sub(2 * g * g, g * g)?,
+    );
+    dev.fill_bytes(gbuf.view::<Bf16>(), 0x3c)?; // 0x3c3c bf16 ≈ 0.0115: finite, non-zero data
+    let gemm_ms = b.time(|| gemm.linear(ga, gb, None, gc, g, g, g, false))?;
+    let gemm_tflops = 2.0 * (g as f64).powi(3) / gemm_ms / 1e9;
+    println!(
+        "{}",
+        fmt_row(
+            "bf16 GEMM 8192^3 (cuBLASLt)",
+            gemm_ms,
+            &format!("{gemm_tflops:.0} TFLOP/s")
+        )
+    );
+    drop(gbuf);
+    let cbytes = 1usize << 30;
+    let cbuf = dev.alloc(2 * cbytes)?;
+    let cv = cbuf.view::<Bf16>();
+    let (csrc, cdst) = (cv.sub(0, cbytes / 2)?, cv.sub(cbytes / 2, cbytes / 2)?);
+    let copy_ms = b.time(|| dev.copy(cdst, csrc, cbytes / 2))?;
+    let copy_gbs = 2.0 * cbytes as f64 / copy_ms / 1e6;
+    println!(
+        "{}",
+        fmt_row(
+            "device-to-device copy 1 GiB",
+            copy_ms,
+            &format!("{copy_gbs:.0} GB/s (read + write)")
+        )
+    );
+    drop(cbuf);
+    results.push(json!({"op": "ceiling gemm 8192^3", "ms": gemm_ms, "tflops": gemm_tflops}));
+    results.push(json!({"op": "ceiling copy 1GiB", "ms": copy_ms, "gbs": copy_gbs}));
+
+    // Per-op at the config's shapes.
+    let m = &bc.model;
+    let (bs, d, mlp) = (bc.batch, m.hidden, m.mlp_hidden);
+    let n = (bc.latent / m.patch_size).pow(2);
+    let rows = bs * n;
+    let heads = m.num_heads;
+    let l = n + bc.ctx;
+    println!(
+        "ops at {} shapes (batch {bs}, {n} image + {} context tokens, hidden {d}):",
+        bc.name, bc.ctx
+    );
+    let opbuf = dev.alloc(
+        (rows * mlp * 2 + rows * 3 * d * 2 + rows * d * 2 * 3 + bs * 9 * d * 2 + 4 * mlp * d * 2)
+            + (1 << 20),
+    )?;
+    let mut off = 0usize;
+    let mut carve = |k: usize| -> Result<DView<Bf16>, Error> {
+        let v = opbuf.view::<Bf16>().sub(off, k)?;
+        off += k.div_ceil(128) * 128;
+        Ok(v)
+    };
+    let (hid, qkv, xa, xb, modv, w1, w2) = (
+        carve(rows * mlp)?,
+        carve(rows * 3 * d)?,
+        carve(rows * d)?,
+        carve(rows * d)?,
+        carve(bs * 9 * d)?,
+        carve(mlp * d)?,
+        carve(3 * d * d)?,
+    );
+    dev.fill_bytes(opbuf.view::<Bf16>(), 0x3c)?;
+    let mut op = |name: &str, ms: f64, flops: f64, bytes: f64| {
+        let metric = if flops > 0.0 {
+            let t = flops / ms / 1e9;
+            format!(
+                "{t:.0} TFLOP/s ({:.0}% of GEMM ceiling)",
+                100.0 * t / gemm_tflops
+            )
+        } else {
+            let gbs = bytes / ms / 1e6;
+            format!(
+                "{gbs:.0} GB/s ({:.0}% of copy ceiling)",
+                100.0 * gbs / copy_gbs
+            )
+        };
+        println!("{}", fmt_row(name, ms, &metric));
+        results.push(json!({"op": name, "ms": ms, "tflops": if flops > 0.0 { flops / ms / 1e9 } else { 0.0 }, "gbs": if bytes > 0.0 { bytes / ms / 1e6 } else { 0.0 }}));
+    };
+    let f = |m_: usize, k: usize, n_: usize| 2.0 * (m_ * k * n_) as f64;
+    let t = b.time(|| gemm.linear(xa, w2, None, qkv, rows, d, 3 * d, false))?;
+    op(
+        &format!("qkv GEMM {rows}x{d}x{}", 3 * d),
+        t,
+        f(rows, d, 3 * d),
+        0.0,
+    );
+    let t = b.time(|| gemm.linear(xa, w2.sub(0, d * d)?, None, xb, rows, d, d, false))?;
+    op(&format!("proj GEMM {rows}x{d}x{d}"), t, f(rows, d, d), 0.0);
+    let t = b.time(|| gemm.linear(xa, w1, None, hid, rows, d, mlp, false))?;
+    op(
+        &format!("fc1 GEMM {rows}x{d}x{mlp}"),
+        t,
+        f(rows, d, mlp),
+        0.0,
+    );
+    let t = b.time(|| gemm.linear(xa, w1, Some(w2.sub(0, mlp)?), hid, rows, d, mlp, true))?;
+    op(
+        &format!("fc1 GEMM+bias+GELU epilogue {rows}x{d}x{mlp}"),
+        t,
+        f(rows, d, mlp),
+        0.0,
+    );
+    let t = b.time(|| gemm.linear(hid, w1, None, xa, rows, mlp, d, false))?;
+    op(
+        &format!("fc2 GEMM {rows}x{mlp}x{d}"),
+        t,
+        f(rows, mlp, d),
+        0.0,
+    );
+    let t = b.time(|| dev.gelu_tanh(hid, rows * mlp))?;
+    op(
+        "tanh-GELU (separate kernel)",
+        t,
+        0.0,
+        4.0 * (rows * mlp) as f64,
+    );
+    let t = b.time(|| dev.adaln_modulate(xa, xb, modv, rows, n, d, 9 * d, 0, d, 1e-6))?;
+    op("adaLN LayerNorm+modulate", t, 0.0, 4.0 * (rows * d) as f64);
+    let t = b.time(|| dev.gated_residual(xa, xb, modv, rows, n, d, 9 * d, 2 * d))?;
+    op("gated residual", t, 0.0, 6.0 * (rows * d) as f64);
+    if m.head_dim() <= 256 && m.head_dim().trailing_zeros() >= 5 {
+        let wq = dev.alloc(m.head_dim() * 4)?;
+        dev.fill_bytes(wq.view::<f32>(), 0)?;
+        let t =
+            b.time(|| dev.rmsnorm_qk(qkv, wq.view(), wq.view(), rows, heads, m.head_dim(), 1e-6))?;
+        op(
+            "qk RMSNorm (separate kernel)",
+            t,
+            0.0,
+            8.0 * (rows * d) as f64,
+        );
+    }
+    if m.head_dim() == 64 && dev.has_func("joint_attn_hd64_bf16") {
+        // Joint attention over l tokens: context rows read from the start of the same buffer.
+        let la = bc.ctx;
+        let qkv_big = dev.alloc(bs * l * 3 * d * 2)?;
+        let out_big = dev.alloc(bs * l * d * 2)?;
+        dev.fill_bytes(qkv_big.view::<Bf16>(), 0x3c)?;
+        let qv = qkv_big.view::<Bf16>();
+        let ov = out_big.view::<Bf16>();
+        let (qa, qb) = (
+            qv.sub(0, bs * la * 3 * d)?,
+            qv.sub(bs * la * 3 * d, bs * n * 3 * d)?,
+        );
+        let (oa, ob) = (ov.sub(0, bs * la * d)?, ov.sub(bs * la * d, bs * n * d)?);
+        let scale = 1.0 / (m.head_dim() as f32).sqrt();
+        let t =
+            b.time(|| dev.joint_attention_fused(qa, qb, oa, ob, bs, la, n, heads, scale, None))?;
+        op(
+            &format!("joint flash attention B={bs} H={heads} L={l} hd=64"),
+            t,
+            4.0 * (bs * heads * l * l * 64) as f64,
+            0.0,
+        );
+    } else {
+        println!("  joint flash attention: not available (module not loaded or head_dim != 64)");
+    }
+    drop(opbuf);
+
+    // One full sampling step.
+    println!("full step (random weights of the real shapes):");
+    let t0 = Instant::now();
+    let model = CudaMmdit::random(dev.clone(), m, 42)?;
+    println!(
+        "  weights: {:.2} GB uploaded in {:.1} s",
+        model.weight_bytes as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut plan = model.plan(bs, bc.latent, bc.latent, bc.ctx, 1)?;
+    println!(
+        "  activation plan: {:.1} MB (one arena); fused attention: {}",
+        plan.bytes as f64 / 1e6,
+        model.uses_fused_attention()
+    );
+    let zx = Tensor::zeros(&[bs.div_ceil(2), m.in_channels, bc.latent, bc.latent]);
+    plan.set_latent(&dev, &zx)?;
+    plan.set_timesteps(&dev, &vec![500.0; bs])?;
+    let y = Tensor {
+        shape: vec![bs, m.pooled_dim],
+        data: vec![0.1; bs * m.pooled_dim],
+    };
+    let ctx = Tensor {
+        shape: vec![bs, bc.ctx, m.context_dim],
+        data: vec![0.05; bs * bc.ctx * m.context_dim],
+    };
+    plan.set_conditions(&dev, &y, &ctx, None)?;
+    let allocs_before = dev.allocations();
+    let step_ms = b.time(|| model.step_cfg_euler(&plan, 0, 4.5, -0.01))?;
+    let allocs_in_loop = dev.allocations() - allocs_before;
+    let (gf, af) = step_flops(bc);
+    let step_tflops = (gf + af) / step_ms / 1e9;
+    let floor_ms = (gf + af) / gemm_tflops / 1e9;
+    println!(
+        "{}",
+        fmt_row(
+            "MMDiT step (CFG batch 2 + Euler)",
+            step_ms,
+            &format!("{step_tflops:.0} TFLOP/s; FLOP floor {floor_ms:.1} ms at the GEMM ceiling ({:.0}%)", 100.0 * floor_ms / step_ms)
+        )
+    );
+    println!("  device allocations inside the timed steps: {allocs_in_loop}");
+    let (free1, _) = dev.mem_info()?;
+    let peak = free0.saturating_sub(free1);
+    println!(
+        "  memory: {:.2} GB in use after planning (of {:.1} GB); dpir allocations {:.2} GB",
+        peak as f64 / 1e9,
+        total_mem as f64 / 1e9,
+        dev.allocated_bytes() as f64 / 1e9
+    );
+    Ok(json!({
+        "device": dev.name,
+        "sm": format!("{}{}", dev.cc.0, dev.cc.1),
+        "config": bc.name,
+        "weights": "random (real shapes)",
+        "ceilings": {"gemm_tflops": gemm_tflops, "copy_gbs": copy_gbs},
+        "ops": results,
+        "step_ms": step_ms,
+        "step_tflops": step_tflops,
+        "step_gflop": (gf + af) / 1e9,
+        "attention_gflop": af / 1e9,
+        "flop_floor_ms": floor_ms,
+        "fused_attention": model.uses_fused_attention(),
+        "allocations_in_loop": allocs_in_loop,
+        "weights_bytes": model.weight_bytes,
+        "plan_bytes": plan.bytes,
+        "memory_in_use_bytes": peak,
+    }))
+}
+
+pub fn profile(args: ProfileArgs) -> CliResult {
+    let bc = bench_config(&args.config)?;
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => Arc::new(d),
+        Err(Error::NoCuda) => return Err("no CUDA driver found: `dpir profile` needs a GPU".into()),
+        Err(e) => return Err(e.into()),
+    };
+    let m = &bc.model;
+    let model = CudaMmdit::random(dev.clone(), m, 42)?;
+    let mut plan = model.plan(bc.batch, bc.latent, bc.latent, bc.ctx, 1)?;
+    plan.set_timesteps(&dev, &vec![500.0; bc.batch])?;
+    let y = Tensor {
+        shape: vec![bc.batch, m.pooled_dim],
+        data: vec![0.1; bc.batch * m.pooled_dim],
+    };
+    let ctx = Tensor {
+        shape: vec![bc.batch, bc.ctx, m.context_dim],
+        data: vec![0.05; bc.batch * bc.ctx * m.context_dim],
+    };
+    plan.set_conditions(&dev, &y, &ctx, None)?;
+    model.forward_device(&plan, 0, None)?;
+    let timer = Timer::new(&dev)?;
+    timer.start(&dev)?;
+    model.forward_device(&plan, 0, None)?;
+    let step_ms = timer.stop_ms(&dev)? as f64;
+    let mut prof = Profile::default();
+    model.forward_device(&plan, 0, Some(&mut prof))?;
+    dev.synchronize()?;
+    let totals = prof.totals()?;
+    let sum: f64 = totals.iter().map(|t| t.1).sum();
+    println!(
+        "dpir profile: {} on {}, one forward {step_ms:.3} ms (unprofiled); per op (CUDA events):",
+        bc.name, dev.name
+    );
+    println!(
+        "  {:<32} {:>10} {:>8} {:>8}",
+        "op", "ms", "share", "launches"
+    );
+    let mut rows = Vec::new();
+    for (name, ms, count) in &totals {
+        println!(
+            "  {name:<32} {ms:>10.3} {:>7.1}% {count:>8}",
+            100.0 * ms / sum
+        );
+        rows.push(json!({"op": name, "ms": ms, "share": ms / sum, "launches": count}));
+    }
+    let (gf, af) = step_flops(&bc);
+    println!(
+        "  FLOPs: {:.2} TFLOP in GEMMs, {:.2} TFLOP in attention",
+        gf / 1e12,
+        af / 1e12
+    );
+    if let Some(p) = &args.json {
+        let v = json!({"config": bc.name, "device": dev.name, "step_ms": step_ms, "ops": rows});
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
 }

@@ -1,10 +1,560 @@
-//! `dpir restore` (placeholder).
+//! `dpir restore INPUT... -o OUTDIR`: restore low-quality images with DPIR.
+//!
+//! Inputs are files or directories (searched recursively); the sorted list can be split
+//! with `--shard i/n`. Each output is written to a temporary file and renamed into place,
+//! existing outputs are skipped unless `--overwrite`, and one bad file does not stop the
+//! batch: it is reported on one line and counted, and the exit code is non-zero if any
+//! image failed. The model is loaded when the first image needs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dpir_engine::image_io::{self, Image, DEFAULT_MAX_PIXELS};
+use dpir_engine::pipeline::cpu::CpuRestorer;
+use dpir_engine::pipeline::{self, ColorFix, RestoreParams, Restorer};
+use dpir_engine::Tensor;
 
 use crate::CliResult;
 
-#[derive(clap::Args)]
-pub struct Args {}
+/// Model folder looked for next to the executable when neither `--model` nor `DPIR_MODEL` is given.
+const BUNDLED_MODEL: &str = "models/dpir-tiny";
 
-pub fn run(_args: Args) -> CliResult {
-    Err("`dpir restore` is not implemented yet".into())
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorFixArg {
+    Wavelet,
+    Adain,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutFormat {
+    Png,
+    Jpg,
+    Webp,
+    Tif,
+    Bmp,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Input images or directories (searched recursively for png, jpg, webp, tif, bmp).
+    #[arg(required = true, value_name = "INPUT")]
+    inputs: Vec<PathBuf>,
+    /// Output directory (created if missing).
+    #[arg(short = 'o', long = "output", value_name = "OUTDIR")]
+    output: PathBuf,
+    /// Model: a directory or safetensors files (repeatable). Default: `DPIR_MODEL`, else
+    /// the bundled `models/dpir-tiny` next to the executable.
+    #[arg(long, value_name = "PATH")]
+    model: Vec<PathBuf>,
+    /// Upscaling factor: 1, 2 or 4.
+    #[arg(long, default_value = "4", value_parser = parse_scale)]
+    scale: usize,
+    /// Sampling steps (1 to 1000).
+    #[arg(long, default_value = "20", value_parser = parse_steps)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 disables guidance).
+    #[arg(long, default_value = "4.0", value_parser = parse_cfg)]
+    cfg: f32,
+    /// Start noise level in (0, 1]: 1 starts from pure noise, lower keeps more of the input.
+    #[arg(long, default_value = "1.0", value_parser = parse_strength)]
+    strength: f32,
+    /// Noise seed.
+    #[arg(long, default_value = "0")]
+    seed: u64,
+    /// Colour correction against the upscaled input.
+    #[arg(long, value_enum, default_value = "wavelet")]
+    color_fix: ColorFixArg,
+    /// Diffusion tile side in output pixels (multiple of 16); default: the largest the model takes.
+    #[arg(long, value_parser = parse_tile)]
+    tile: Option<usize>,
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Compute precision (the CPU backend computes in f32).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: DTypeArg,
+    /// Process only shard i of n (1-based) of the sorted input list: items k with k mod n = i − 1.
+    #[arg(long, value_parser = parse_shard, value_name = "I/N")]
+    shard: Option<(usize, usize)>,
+    /// Replace existing outputs instead of skipping them.
+    #[arg(long)]
+    overwrite: bool,
+    /// Refuse inputs with more pixels than this (decompression-bomb guard).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_parser = parse_max_pixels)]
+    max_pixels: u64,
+    /// Precomputed T5 tokens (safetensors: one tensor `[L, ctx]` or `[1, L, ctx]`).
+    #[arg(long, value_name = "FILE")]
+    text_embeddings: Option<PathBuf>,
+    /// Output format; default: the input's.
+    #[arg(long, value_enum)]
+    format: Option<OutFormat>,
+    /// Print the memory plan and per-image details.
+    #[arg(short = 'v', long)]
+    verbose: bool,
+}
+
+fn parse_scale(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v @ (1 | 2 | 4)) => Ok(v),
+        _ => Err("must be 1, 2 or 4".into()),
+    }
+}
+
+fn parse_steps(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if (1..=1000).contains(&v) => Ok(v),
+        _ => Err("must be an integer from 1 to 1000".into()),
+    }
+}
+
+fn parse_cfg(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() && (0.0..=100.0).contains(&v) => Ok(v),
+        _ => Err("must be a number from 0 to 100".into()),
+    }
+}
+
+fn parse_strength(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err("must be a number in (0, 1]".into()),
+    }
+}
+
+fn parse_tile(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if v >= 32 && v % 16 == 0 => Ok(v),
+        _ => Err("must be a multiple of 16, at least 32".into()),
+    }
+}
+
+fn parse_max_pixels(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(v) if v >= 64 => Ok(v),
+        _ => Err("must be an integer, at least 64".into()),
+    }
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let bad = || "must be I/N with 1 <= I <= N".to_string();
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n) = (
+        i.trim().parse::<usize>().map_err(|_| bad())?,
+        n.trim().parse::<usize>().map_err(|_| bad())?,
+    );
+    if i == 0 || n == 0 || i > n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// One unit of work: an input and where its output goes, or why it cannot be processed.
+struct Item {
+    input: PathBuf,
+    output: Result<PathBuf, String>,
+}
+
+fn out_extension(input: &Path, format: Option<OutFormat>) -> String {
+    match format {
+        Some(OutFormat::Png) => "png".into(),
+        Some(OutFormat::Jpg) => "jpg".into(),
+        Some(OutFormat::Webp) => "webp".into(),
+        Some(OutFormat::Tif) => "tif".into(),
+        Some(OutFormat::Bmp) => "bmp".into(),
+        // The input's extension when we can write it, else PNG.
+        None => match input.extension() {
+            Some(e) if image_io::is_supported_extension(input) => e.to_string_lossy().into_owned(),
+            _ => "png".into(),
+        },
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| format!("{}: {e}", dir.display()))?;
+        paths.push(e.path());
+    }
+    paths.sort();
+    for p in paths {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if image_io::is_supported_extension(&p) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Inputs (files, directories) → sorted work items with their output paths.
+fn collect(args: &Args) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    for input in &args.inputs {
+        if input.is_dir() {
+            let mut files = Vec::new();
+            walk(input, &mut files)?;
+            for f in files {
+                let rel = f.strip_prefix(input).unwrap_or(&f).to_path_buf();
+                let out = args
+                    .output
+                    .join(rel)
+                    .with_extension(out_extension(&f, args.format));
+                items.push(Item {
+                    input: f,
+                    output: Ok(out),
+                });
+            }
+        } else {
+            let output = match (input.file_name(), std::fs::metadata(input)) {
+                (_, Err(e)) => Err(format!("{}: {e}", input.display())),
+                (None, _) => Err(format!("{}: not a file", input.display())),
+                (Some(name), Ok(_)) => Ok(args
+                    .output
+                    .join(name)
+                    .with_extension(out_extension(input, args.format))),
+            };
+            items.push(Item {
+                input: input.clone(),
+                output,
+            });
+        }
+    }
+    items.sort_by(|a, b| a.input.cmp(&b.input));
+    items.dedup_by(|a, b| a.input == b.input);
+    // Two inputs must not write the same output (`a/x.png` and `b/x.png` into one folder).
+    let mut claimed: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
+    for it in items.iter_mut() {
+        if let Ok(out) = &it.output {
+            if let Some(first) = claimed.get(out) {
+                it.output = Err(format!(
+                    "output {} is also the output of {}",
+                    out.display(),
+                    first.display()
+                ));
+            } else {
+                claimed.insert(out.clone(), it.input.clone());
+            }
+        }
+    }
+    if let Some((i, n)) = args.shard {
+        items = items
+            .into_iter()
+            .enumerate()
+            .filter(|(k, _)| k % n == i - 1)
+            .map(|(_, it)| it)
+            .collect();
+    }
+    Ok(items)
+}
+
+/// The model paths: `--model`, else `DPIR_MODEL`, else `models/dpir-tiny` in a folder
+/// above the executable (never the working directory).
+fn model_paths(args: &Args) -> Result<Vec<PathBuf>, String> {
+    let paths = if !args.model.is_empty() {
+        args.model.clone()
+    } else if let Some(env) = std::env::var_os("DPIR_MODEL").filter(|v| !v.is_empty()) {
+        vec![PathBuf::from(env)]
+    } else {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot locate the dpir executable: {e}"))?;
+        let found = exe
+            .ancestors()
+            .skip(1)
+            .map(|d| d.join(BUNDLED_MODEL))
+            .find(|p| p.is_dir());
+        match found {
+            Some(p) => vec![p],
+            None => {
+                return Err(format!(
+                    "no model found: pass --model PATH or set DPIR_MODEL ({BUNDLED_MODEL} is not next to the dpir executable)"
+                ))
+            }
+        }
+    };
+    for p in &paths {
+        if !p.exists() {
+            return Err(format!("{}: model not found", p.display()));
+        }
+    }
+    Ok(paths)
+}
+
+/// T5 tokens from a safetensors file: the tensor `t5` or the file's only tensor.
+fn load_text_embeddings(path: &Path) -> Result<Tensor, String> {
+    let file = dpir_loader::SafetensorsFile::open(path).map_err(|e| e.to_string())?;
+    let info = match file.tensors.iter().find(|t| t.name == "t5") {
+        Some(t) => t,
+        None if file.tensors.len() == 1 => &file.tensors[0],
+        None => {
+            return Err(format!(
+                "{}: expected one tensor (or one named `t5`), found {}",
+                path.display(),
+                file.tensors.len()
+            ))
+        }
+    };
+    let shape = match info.shape[..] {
+        [l, c] | [1, l, c] => vec![l, c],
+        _ => {
+            return Err(format!(
+                "{}: tensor `{}` has shape {:?}, expected [L, ctx] or [1, L, ctx]",
+                path.display(),
+                info.name,
+                info.shape
+            ))
+        }
+    };
+    let mut data = Vec::new();
+    if !info.dtype.decode_into(file.data(info), &mut data) {
+        return Err(format!(
+            "{}: tensor `{}`: unsupported dtype {}",
+            path.display(),
+            info.dtype.as_str(),
+            info.name
+        ));
+    }
+    Tensor::new(&shape, data).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Restore one decoded image and write it to `output` (via a temporary file).
+fn restore_one(
+    model: &mut CpuRestorer,
+    img: Image,
+    params: &RestoreParams,
+    t5: Option<&Tensor>,
+    output: &Path,
+    format: image::ImageFormat,
+) -> Result<(usize, usize), String> {
+    let rgb = pipeline::restore(model, &img.rgb, params, t5).map_err(|e| e.to_string())?;
+    let (h, w) = (rgb.shape[1], rgb.shape[2]);
+    let alpha = img.alpha.as_ref().map(|a| {
+        let mut a = image_io::resize_bicubic(a, h, w);
+        a.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
+        a
+    });
+    let out = Image {
+        width: w,
+        height: h,
+        rgb,
+        alpha,
+        gray: img.gray,
+        high_depth: img.high_depth,
+    };
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let tmp = image_io::temp_path_for(output);
+    let written = image_io::encode(&tmp, &out, format)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            std::fs::rename(&tmp, output).map_err(|e| format!("{}: {e}", output.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok((w, h))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (
+        std::fs::canonicalize(a),
+        b.parent().map(std::fs::canonicalize),
+        b.file_name(),
+    ) {
+        (Ok(ca), Some(Ok(pb)), Some(name)) => ca == pb.join(name),
+        _ => false,
+    }
+}
+
+pub fn run(args: Args) -> CliResult {
+    match args.device {
+        Device::Cuda => return Err("--device cuda: the CUDA backend is not available yet".into()),
+        Device::Auto | Device::Cpu => {}
+    }
+    if matches!(args.dtype, DTypeArg::F16 | DTypeArg::Bf16) {
+        return Err(
+            "--dtype: the CPU backend computes in f32 only (use --dtype f32 or auto)".into(),
+        );
+    }
+    if args.output.exists() && !args.output.is_dir() {
+        return Err(format!(
+            "{}: output path exists and is not a directory",
+            args.output.display()
+        )
+        .into());
+    }
+    let model_paths = model_paths(&args)?;
+    let t5 = match &args.text_embeddings {
+        Some(p) => Some(load_text_embeddings(p)?),
+        None => None,
+    };
+    let items = collect(&args)?;
+    if items.is_empty() {
+        return Err("no input images found".into());
+    }
+    std::fs::create_dir_all(&args.output).map_err(|e| format!("{}: {e}", args.output.display()))?;
+
+    let params = RestoreParams {
+        scale: args.scale,
+        steps: args.steps,
+        cfg: args.cfg,
+        strength: args.strength,
+        seed: args.seed,
+        color_fix: match args.color_fix {
+            ColorFixArg::Wavelet => ColorFix::Wavelet,
+            ColorFixArg::Adain => ColorFix::Adain,
+            ColorFixArg::None => ColorFix::None,
+        },
+        tile: args.tile,
+        ..RestoreParams::default()
+    };
+
+    let total = items.len();
+    let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
+    let mut model: Option<CpuRestorer> = None;
+    let started = Instant::now();
+    for (k, item) in items.iter().enumerate() {
+        let tag = format!("[{}/{total}]", k + 1);
+        let input = &item.input;
+        let fail = |msg: String| {
+            let shown = input.display().to_string();
+            if msg.starts_with(&shown) {
+                eprintln!("error: {msg}");
+            } else {
+                eprintln!("error: {shown}: {msg}");
+            }
+        };
+        let output = match &item.output {
+            Ok(o) => o,
+            Err(e) => {
+                fail(e.clone());
+                failed += 1;
+                continue;
+            }
+        };
+        if same_file(input, output) {
+            fail(format!("output {} is the input file", output.display()));
+            failed += 1;
+            continue;
+        }
+        if output.exists() && !args.overwrite {
+            println!(
+                "{tag} {} -> {}: exists, skipped",
+                input.display(),
+                output.display()
+            );
+            skipped += 1;
+            continue;
+        }
+        let format = match image_io::format_from_extension(output) {
+            Ok(f) => f,
+            Err(e) => {
+                fail(e.to_string());
+                failed += 1;
+                continue;
+            }
+        };
+        let t0 = Instant::now();
+        let img = match image_io::decode(input, args.max_pixels) {
+            Ok(img) => img,
+            Err(e) => {
+                fail(e.to_string());
+                failed += 1;
+                continue;
+            }
+        };
+        let m = match model.as_mut() {
+            Some(m) => m,
+            None => {
+                let loaded = dpir_loader::load(&model_paths).map_err(|e| e.to_string())?;
+                let m = CpuRestorer::from_model(loaded)
+                    .map_err(|e| format!("{}: {e}", model_paths[0].display()))?;
+                if let Some(t5) = &t5 {
+                    let ctx = m.dims().context_dim;
+                    if t5.shape[1] != ctx {
+                        return Err(format!(
+                            "--text-embeddings: tokens have width {}, the model's context is {ctx}",
+                            t5.shape[1]
+                        )
+                        .into());
+                    }
+                }
+                if args.verbose {
+                    println!("model: weights {:.1} MiB (f32)", mib(m.weight_bytes()));
+                }
+                model.insert(m)
+            }
+        };
+        if args.verbose {
+            if let Ok(plan) = pipeline::plan(&m.dims(), img.height, img.width, &params) {
+                let ctx_len = m.local_prompt_len() + t5.as_ref().map_or(0, |t| t.shape[0]);
+                let batch = if params.cfg == 1.0 { 1 } else { 2 };
+                let tile = plan
+                    .tiles
+                    .iter()
+                    .fold((0, 0), |a, t| (a.0.max(t.h), a.1.max(t.w)));
+                println!(
+                    "{tag} plan: {} tile(s) of up to {}×{} latent, activations {:.1} MiB vs weights {:.1} MiB",
+                    plan.tiles.len(),
+                    tile.0,
+                    tile.1,
+                    mib(m.plan_bytes(tile.0, tile.1, ctx_len, batch)),
+                    mib(m.weight_bytes())
+                );
+            }
+        }
+        let (iw, ih) = (img.width, img.height);
+        match restore_one(m, img, &params, t5.as_ref(), output, format) {
+            Ok((w, h)) => {
+                println!(
+                    "{tag} {} -> {} ({iw}×{ih} -> {w}×{h}, {:.1} s)",
+                    input.display(),
+                    output.display(),
+                    t0.elapsed().as_secs_f64()
+                );
+                done += 1;
+            }
+            Err(e) => {
+                fail(e);
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "restored {done}, skipped {skipped}, failed {failed} of {total} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        return Err(format!("{failed} of {total} images failed").into());
+    }
+    Ok(())
 }

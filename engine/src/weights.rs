@@ -62,3 +62,23 @@ impl WeightSource for Prefixed<'_> {
         self.inner.shape(&format!("{}{name}", self.prefix))
     }
 }
+
+/// Loaded checkpoints: tensors in the canonical layout, converted to f32 on demand
+/// (F32 tensors are copied straight out of the mapped file).
+impl WeightSource for dpir_loader::Component {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let shape = dpir_loader::Component::shape(self, name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?
+            .to_vec();
+        let data = self.f32(name)?.into_owned();
+        Tensor::new(&shape, data)
+    }
+    fn contains(&self, name: &str) -> bool {
+        dpir_loader::Component::contains(self, name)
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        dpir_loader::Component::shape(self, name)
+            .map(<[usize]>::to_vec)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+}

@@ -1,0 +1,305 @@
+//! The CPU reference backend as a [`Restorer`]: MMDiT, VAE, CLIP vision and DPIR's own
+//! parts, checked against each other when assembled.
+
+use dpir_loader::{ClipVisionConfig, Component, DpirConfig, MmditConfig, VaeConfig};
+
+use super::{Denoiser, ModelDims, Restorer, VAE_FACTOR};
+use crate::error::{Error, Result};
+use crate::models::clip::{preprocess, ClipVision};
+use crate::models::dpir::Dpir;
+use crate::models::mmdit::{LqInject, Mmdit};
+use crate::models::vae::{from_model_latent, to_model_latent, VaeDecoder, VaeEncoder};
+use crate::tensor::Tensor;
+use crate::weights::WeightSource;
+
+/// A loader component seen as a [`WeightSource`].
+pub struct ComponentSource<'a>(pub &'a Component);
+
+impl WeightSource for ComponentSource<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let shape = self
+            .0
+            .shape(name)
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?
+            .to_vec();
+        let data = self.0.f32(name)?.into_owned();
+        Tensor::new(&shape, data)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.0
+            .shape(name)
+            .map(|s| s.to_vec())
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))
+    }
+}
+
+/// Configs of the four parts (and of the robust encoder when it is separate).
+#[derive(Clone, Debug)]
+pub struct Configs {
+    pub mmdit: MmditConfig,
+    pub vae: VaeConfig,
+    pub clip: ClipVisionConfig,
+    pub dpir: DpirConfig,
+    /// The robust encoder's config; `None`: the VAE's own encoder encodes the LQ image.
+    pub robust: Option<VaeConfig>,
+}
+
+pub struct CpuRestorer {
+    pub mmdit: Mmdit,
+    pub dpir: Dpir,
+    encoder: VaeEncoder,
+    encoder_cfg: VaeConfig,
+    decoder: VaeDecoder,
+    decoder_cfg: VaeConfig,
+    clip: ClipVision,
+    cfgs: Configs,
+}
+
+fn mismatch(what: &str, a: usize, b: usize) -> Error {
+    Error::Model(format!("not a consistent DPIR model: {what} ({a} vs {b})"))
+}
+
+impl CpuRestorer {
+    /// Assemble from weight sources (canonical names; the robust encoder under `encoder.*`).
+    pub fn from_sources(
+        cfgs: Configs,
+        mmdit: &dyn WeightSource,
+        vae: &dyn WeightSource,
+        clip: &dyn WeightSource,
+        dpir: &dyn WeightSource,
+        robust: Option<&dyn WeightSource>,
+    ) -> Result<Self> {
+        let (m, v, c, d) = (&cfgs.mmdit, &cfgs.vae, &cfgs.clip, &cfgs.dpir);
+        let checks = [
+            (
+                "DPIR hidden width vs MMDiT hidden width",
+                d.hidden,
+                m.hidden,
+            ),
+            (
+                "DPIR patch size vs MMDiT patch size",
+                d.patch_size,
+                m.patch_size,
+            ),
+            (
+                "DPIR context width vs MMDiT context width",
+                d.context_dim,
+                m.context_dim,
+            ),
+            (
+                "DPIR pooled width vs MMDiT pooled width",
+                d.pooled_dim,
+                m.pooled_dim,
+            ),
+            (
+                "DPIR latent channels vs VAE latent channels",
+                d.latent_channels,
+                v.latent_channels,
+            ),
+            (
+                "MMDiT input channels vs VAE latent channels",
+                m.in_channels,
+                v.latent_channels,
+            ),
+            (
+                "MMDiT output channels vs VAE latent channels",
+                m.out_channels,
+                v.latent_channels,
+            ),
+            (
+                "DPIR local-prompt input vs CLIP width",
+                d.clip_dim,
+                c.hidden,
+            ),
+            (
+                "DPIR global-prompt input vs CLIP output width",
+                d.global_in,
+                c.projection_dim.unwrap_or(c.hidden),
+            ),
+        ];
+        for (what, a, b) in checks {
+            if a != b {
+                return Err(mismatch(what, a, b));
+            }
+        }
+        if !v.has_decoder {
+            return Err(Error::Model("not a DPIR model: no VAE decoder".into()));
+        }
+        let (encoder, encoder_cfg) = match (&cfgs.robust, robust) {
+            (Some(rc), Some(rw)) => {
+                if rc.latent_channels != v.latent_channels {
+                    return Err(mismatch(
+                        "robust encoder vs VAE latent channels",
+                        rc.latent_channels,
+                        v.latent_channels,
+                    ));
+                }
+                (VaeEncoder::load(rc, rw)?, rc.clone())
+            }
+            _ if v.has_encoder => (VaeEncoder::load(v, vae)?, v.clone()),
+            _ => {
+                return Err(Error::Model(
+                    "not a DPIR model: no robust encoder and no VAE encoder".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            mmdit: Mmdit::load(m, mmdit)?,
+            dpir: Dpir::load(d, dpir)?,
+            encoder,
+            encoder_cfg,
+            decoder: VaeDecoder::load(v, vae)?,
+            decoder_cfg: v.clone(),
+            clip: ClipVision::load(c, clip)?,
+            cfgs,
+        })
+    }
+
+    /// Assemble from what the loader found; names the first missing part.
+    pub fn from_model(model: dpir_loader::Model) -> Result<Self> {
+        let missing =
+            |what: &str| Error::Model(format!("not a DPIR model: no {what} weights found"));
+        let mmdit = model.mmdit.ok_or_else(|| missing("MMDiT"))?;
+        let vae = model.vae.ok_or_else(|| missing("VAE"))?;
+        let clip = model.clip_vision.ok_or_else(|| missing("CLIP vision"))?;
+        let dpir = model
+            .dpir
+            .ok_or_else(|| missing("DPIR (lq_branch, prompt adapters)"))?;
+        let cfgs = Configs {
+            mmdit: mmdit.config.clone(),
+            vae: vae.config.clone(),
+            clip: clip.config.clone(),
+            dpir: dpir.config.clone(),
+            robust: model.robust_encoder.as_ref().map(|r| r.config.clone()),
+        };
+        let robust = model
+            .robust_encoder
+            .as_ref()
+            .map(|r| ComponentSource(&r.weights));
+        Self::from_sources(
+            cfgs,
+            &ComponentSource(&mmdit.weights),
+            &ComponentSource(&vae.weights),
+            &ComponentSource(&clip.weights),
+            &ComponentSource(&dpir.weights),
+            robust.as_ref().map(|r| r as &dyn WeightSource),
+        )
+    }
+
+    pub fn configs(&self) -> &Configs {
+        &self.cfgs
+    }
+
+    /// Local-prompt tokens per tile (CLIP patch count).
+    pub fn local_prompt_len(&self) -> usize {
+        let g = self.cfgs.clip.image_size / self.cfgs.clip.patch_size.max(1);
+        g * g
+    }
+}
+
+impl Denoiser for CpuRestorer {
+    fn velocity(
+        &mut self,
+        z: &Tensor,
+        timestep: &[f32],
+        y: &Tensor,
+        context: &Tensor,
+        lq_tokens: &Tensor,
+    ) -> Result<Tensor> {
+        let lq = LqInject {
+            tokens: lq_tokens,
+            gate: &self.dpir.gate,
+        };
+        self.mmdit.forward(z, timestep, y, context, Some(lq))
+    }
+}
+
+impl Restorer for CpuRestorer {
+    fn dims(&self) -> ModelDims {
+        let m = &self.cfgs.mmdit;
+        ModelDims {
+            latent_channels: m.in_channels,
+            patch: m.patch_size,
+            context_dim: m.context_dim,
+            pooled_dim: m.pooled_dim,
+            max_tile_latent: m.pos_embed_max_size * m.patch_size,
+        }
+    }
+
+    fn encode_lq(&mut self, image: &Tensor) -> Result<Tensor> {
+        let mut z = self.encoder.encode(image)?;
+        to_model_latent(&mut z, &self.encoder_cfg);
+        Ok(z)
+    }
+
+    fn decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        let mut z = z.clone();
+        from_model_latent(&mut z, &self.decoder_cfg);
+        self.decoder.decode(&z)
+    }
+
+    fn lq_tokens(&mut self, z_lq: &Tensor) -> Result<Tensor> {
+        self.dpir.lq_branch.forward(z_lq)
+    }
+
+    fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor> {
+        let s = self.cfgs.clip.image_size;
+        let px = preprocess(region, s)?.reshape(&[1, 3, s, s])?;
+        let out = self.clip.forward(&px)?;
+        let [_, l, w] = out.penultimate.shape[..] else {
+            return Err(Error::Model(format!(
+                "CLIP penultimate state has shape {:?}",
+                out.penultimate.shape
+            )));
+        };
+        let patches = Tensor::new(&[1, l - 1, w], out.penultimate.data[w..].to_vec())?;
+        let ctx = self.dpir.prompts.local(&patches)?;
+        let shape = [ctx.shape[1], ctx.shape[2]];
+        ctx.reshape(&shape)
+    }
+
+    fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor> {
+        let s = self.cfgs.clip.image_size;
+        let px = preprocess(image, s)?.reshape(&[1, 3, s, s])?;
+        let out = self.clip.forward(&px)?;
+        let y = self.dpir.prompts.global(&out.pooled)?;
+        let n = y.numel();
+        y.reshape(&[n])
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        use dpir_loader::{
+            clip_vision_spec, dpir_spec, mmdit_spec, param_count, vae_decoder_spec,
+            vae_encoder_spec,
+        };
+        let c = &self.cfgs;
+        let params = param_count(&mmdit_spec(&c.mmdit))
+            + param_count(&vae_decoder_spec(&c.vae))
+            + param_count(&vae_encoder_spec(&self.encoder_cfg, "encoder"))
+            + param_count(&clip_vision_spec(&c.clip))
+            + param_count(&dpir_spec(&c.dpir));
+        4 * params as u64
+    }
+
+    /// Peak f32 activations of one guided MMDiT call on a `tile_h × tile_w` latent tile,
+    /// or of the VAE decoder on that tile, whichever is larger.
+    fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
+        let m = &self.cfgs.mmdit;
+        let n = (tile_h / m.patch_size.max(1)) * (tile_w / m.patch_size.max(1));
+        let t = n + context_len;
+        // Modulated input, fused qkv, joint qkv, attention out, k/v panels, MLP hidden.
+        let dit = batch * t * (m.hidden * 14 + m.mlp_hidden);
+        let top = self
+            .cfgs
+            .vae
+            .block_out_channels
+            .first()
+            .copied()
+            .unwrap_or(128);
+        let vae = 3 * top * (tile_h * VAE_FACTOR) * (tile_w * VAE_FACTOR);
+        4 * dit.max(vae) as u64
+    }
+}

@@ -1,0 +1,519 @@
+// Fused joint flash attention (forward, non-causal), bf16 in/out, f32 softmax and accumulation.
+//
+// What it computes
+//   For every batch b and head h, attention over the concatenated sequence [a ; b] (context
+//   tokens first, then image tokens), reading q/k/v straight from the fused qkv projections:
+//     qkv_a: [B, La, 3*H*HD] bf16 (context stream, La may be 0; qkv_a may then be null)
+//     qkv_b: [B, Lb, 3*H*HD] bf16 (image stream)
+//   Each token row holds q (H*HD) | k (H*HD) | v (H*HD); head h uses columns [h*HD, h*HD+HD) of
+//   each part. Key/query index j of the joint sequence maps to stream a row j when j < La, else
+//   to stream b row j - La.
+//     out_a: [B, La, H*HD] bf16, out_b: [B, Lb, H*HD] bf16
+//     out = softmax(scale * q k^T) v      (all keys visible, no mask)
+//   The _qknorm variant first applies RMSNorm (eps 1e-6, no mean subtraction) over each head's HD
+//   q values and HD k values with learned f32 weights [HD]: w_qa/w_ka for rows of stream a,
+//   w_qb/w_kb for rows of stream b (SD3.5's ln_q / ln_k of the context and image blocks).
+//   The same kernel serves CLIP vision self-attention (La = 0).
+//
+// Versions
+//   v1 (this file): FlashAttention-2 style forward on mma.sync m16n8k16 bf16 tensor cores
+//     (sm_80 and newer, also used on sm_90a). One CTA = BLOCK_M query rows of one (b, h);
+//     8 warps, each warp owns 16 query rows (the body is templated on the number of 16-row
+//     m-tiles per warp: 128 threads = 4 warps x 32 rows is the same code, see below); K/V tiles
+//     of BLOCK_N keys are cp.async double-buffered in XOR-swizzled shared memory (conflict-free
+//     16-byte cp.async, ldmatrix and epilogue staging); Q fragments stay in registers; online
+//     softmax in the log2 domain (exp2 with scale*log2(e) folded in), probabilities packed to
+//     bf16 as soon as they are computed; ragged query and key tiles are zero-filled and the
+//     out-of-range keys masked to -inf before the row max; the output is staged through shared
+//     memory and written with 16-byte stores. The qk-norm variant normalizes the Q tile once and
+//     each K tile in shared memory after it lands (one extra barrier per K tile).
+//   Later: wgmma/TMA producer-consumer version for sm_90a; head_dim 128 instantiation
+//     (the code is templated on HD; only HD = 64 is exported now).
+//
+// Launch configuration (HD = 64), mirrored by the host side (see the JOINT_ATTN_* defines below):
+//   grid  = ( ceil((La + Lb) / JOINT_ATTN_HD64_BLOCK_M), H, B )     BLOCK_M = 128
+//   block = ( JOINT_ATTN_HD64_THREADS, 1, 1 )                       = 256 threads
+//   dynamic shared memory = JOINT_ATTN_HD64_SMEM_BYTES              = 49152 bytes
+//     (exactly the default 48 KiB limit, so no cudaFuncSetAttribute opt-in is needed)
+//   Requirements: La + Lb >= 1, B, H >= 1, all pointers 16-byte aligned (the qkv row stride,
+//   3*H*64 bf16, keeps every row aligned), scale > 0. qkv_a/out_a (and w_qa/w_ka) may be null
+//   when La = 0. qkv and out must not overlap.
+//   Designed for 2 CTAs per SM (<= 128 registers per thread, 96 KiB shared memory per SM).
+//   Setting JOINT_ATTN_HD64_THREADS to 128 gives 4 warps x 32 query rows with the same grid and
+//   shared memory (about 255 registers, 2 CTAs per SM); the check program times both.
+//
+// Resources (ptxas 13.0, -O3): sm_90a: 128 registers, no spills (plain); the qk-norm variant
+//   spills 32 bytes on sm_90a (8 loop-invariant values, re-read from L1 once per K tile, next to
+//   128 MMAs per warp per tile, so it is left as is); sm_80: 127/128 registers, no spills.
+//
+// Check and benchmark
+//   scripts/build-attention-check.sh   (builds dist/bin/attention_check on a machine without GPU)
+//   dist/bin/attention_check           (on the GPU machine: validation vs a CPU f32 reference at
+//                                       every supported shape, then timing with L2 flushed;
+//                                       --quick: validation shapes only)
+
+// Only cuda_bf16.h is included, so that the file also compiles under NVRTC (no system headers).
+#include <cuda_bf16.h>
+
+#define JOINT_ATTN_HD64_BLOCK_M 128
+#define JOINT_ATTN_HD64_BLOCK_N 64
+#define JOINT_ATTN_HD64_THREADS 256
+// (BLOCK_M + 2 buffers * (K + V) * BLOCK_N) * HD * sizeof(bf16)
+#define JOINT_ATTN_HD64_SMEM_BYTES \
+    ((JOINT_ATTN_HD64_BLOCK_M + 4 * JOINT_ATTN_HD64_BLOCK_N) * 64 * 2)
+
+#define JOINT_ATTN_QKNORM_EPS 1e-6f
+
+namespace joint_attn {
+
+typedef __nv_bfloat16 bf16;
+typedef unsigned int u32;
+
+// ---------------------------------------------------------------------------------------------
+// PTX helpers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination (src not read).
+__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 addr, u32& r0, u32& r1,
+                                            u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 addr, u32& r0, u32& r1,
+                                                  u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// D (16x8 f32) += A (16x16 bf16, row) * B (16x8 bf16, col)
+__device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, u32 b0,
+                                               u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<u32*>(&v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory tile layout: rows of HD bf16 (HD/8 chunks of 16 bytes). Chunk c of row r is
+// stored at chunk position (c ^ (r & 7)). Eight consecutive rows reading the same logical chunk
+// (ldmatrix phases) or one row's eight chunks (cp.async quarter-warp phases) hit eight distinct
+// 16-byte bank groups.
+// ---------------------------------------------------------------------------------------------
+template <int HD>
+__device__ __forceinline__ int swz(int row, int chunk) {
+    return row * HD + ((chunk ^ (row & 7)) << 3);  // element offset
+}
+
+// Per-CTA view of the two streams for one (b, h): row j of the joint sequence starts at
+// a + j*stride (j < La) or b + (j - La)*stride, already offset to head h's q columns;
+// k and v of that row follow at +part_stride and +2*part_stride.
+struct Streams {
+    const bf16* a;
+    const bf16* b;
+    int stride;       // elements per token row: 3*H*HD
+    int part_stride;  // H*HD
+    int La;
+    int L;
+    __device__ __forceinline__ const bf16* row(int j) const {
+        return j < La ? a + (size_t)j * stride : b + (size_t)(j - La) * stride;
+    }
+};
+
+// Copy ROWS joint rows starting at j0 into swizzled smem tiles: part `part0` into s0 and, when
+// TWO, part `part0 + 1` into s1 (K and V share the address computation). Rows j >= L are
+// zero-filled.
+template <int HD, int ROWS, int NTHREADS, bool TWO>
+__device__ __forceinline__ void load_tile(bf16* s0, bf16* s1, const Streams& st, int part0,
+                                          int j0, int tid) {
+    constexpr int CPR = HD / 8;  // 16-byte chunks per row
+    constexpr int TOTAL = ROWS * CPR;
+    static_assert(TOTAL % NTHREADS == 0, "tile chunks must divide evenly among threads");
+#pragma unroll
+    for (int i = 0; i < TOTAL / NTHREADS; ++i) {
+        const int id = tid + i * NTHREADS;
+        const int r = id / CPR;
+        const int c = id % CPR;
+        const int j = j0 + r;
+        const bool valid = j < st.L;
+        // Rows past the end are zero-filled (src_bytes = 0, nothing read); the address is
+        // clamped to the last row so that it stays a valid one anyway.
+        const bf16* src = st.row(valid ? j : st.L - 1) + part0 * st.part_stride + c * 8;
+        const int off = swz<HD>(r, c);
+        cp_async_16(smem_u32(s0 + off), src, valid ? 16 : 0);
+        if (TWO) cp_async_16(smem_u32(s1 + off), src + st.part_stride, valid ? 16 : 0);
+    }
+}
+
+// In-place RMSNorm of ROWS smem rows (joint rows j0 + r) with weight wa (j < La) or wb (else).
+// NTHREADS/ROWS consecutive threads share one row.
+// Rows j >= L (zero-filled) are left untouched.
+template <int HD, int ROWS, int NTHREADS>
+__device__ __forceinline__ void rmsnorm_tile(bf16* s, int j0, int La, int L, const float* wa,
+                                             const float* wb, int tid) {
+    constexpr int TPR = NTHREADS / ROWS;  // threads per row (power of two, <= 32)
+    constexpr int CPR = HD / 8;
+    constexpr int CPT = CPR / TPR;        // chunks per thread
+    static_assert(TPR >= 1 && TPR <= 32 && (TPR & (TPR - 1)) == 0, "threads per row");
+    static_assert(CPT >= 1 && CPT * TPR == CPR, "chunks per thread");
+    const int r = tid / TPR;
+    const int part = tid % TPR;
+    const bool valid = j0 + r < L;
+    const float* w = (j0 + r < La) ? wa : wb;
+    // Two passes over shared memory (sum of squares, then scale) keep few registers live.
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+        const uint4 u = *reinterpret_cast<const uint4*>(s + swz<HD>(r, part * CPT + i));
+        const __nv_bfloat162* pv = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __bfloat1622float2(pv[e]);
+            ss += f.x * f.x + f.y * f.y;
+        }
+    }
+#pragma unroll
+    for (int off = 1; off < TPR; off <<= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    const float rs = rsqrtf(ss * (1.0f / HD) + JOINT_ATTN_QKNORM_EPS);
+    if (!valid) return;  // after the shuffle, which all threads of the row group take part in
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+        const int c = part * CPT + i;
+        uint4 u = *reinterpret_cast<const uint4*>(s + swz<HD>(r, c));
+        u32* pu = reinterpret_cast<u32*>(&u);
+        const float4 w0 = __ldg(reinterpret_cast<const float4*>(w + c * 8));
+        const float4 w1 = __ldg(reinterpret_cast<const float4*>(w + c * 8 + 4));
+        const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&pu[e]);
+            const float2 f = __bfloat1622float2(v);
+            pu[e] = pack_bf16x2(f.x * rs * ws[2 * e], f.y * rs * ws[2 * e + 1]);
+        }
+        *reinterpret_cast<uint4*>(s + swz<HD>(r, c)) = u;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel body. Fragment conventions of mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A (16x16, row-major): a0 = (row g,   cols 2t,2t+1)   a1 = (row g+8, cols 2t,2t+1)
+//                         a2 = (row g,   cols 2t+8,+9)   a3 = (row g+8, cols 2t+8,+9)
+//   B (16x8, "col"):      b0 = (k 2t,2t+1, col g)        b1 = (k 2t+8,2t+9, col g)
+//   C (16x8 f32):         c0,c1 = (row g, cols 2t,2t+1)  c2,c3 = (row g+8, cols 2t,2t+1)
+// ldmatrix.x4: lanes 8i..8i+7 give the row addresses of matrix i; register i receives matrix i
+// with lane holding (row lane/4, cols 2*(lane%4), +1), or with .trans (rows 2*(lane%4), +1 of
+// column lane/4).
+// ---------------------------------------------------------------------------------------------
+template <int HD, int BM, int BN, int NTHREADS, bool QKNORM>
+__device__ __forceinline__ void joint_attn_body(const bf16* __restrict__ qkv_a,
+                                                const bf16* __restrict__ qkv_b,
+                                                bf16* __restrict__ out_a,
+                                                bf16* __restrict__ out_b, int B, int La, int Lb,
+                                                int H, float scale, const float* w_qa,
+                                                const float* w_ka, const float* w_qb,
+                                                const float* w_kb) {
+    constexpr int NWARPS = NTHREADS / 32;
+    static_assert(BM % (NWARPS * 16) == 0, "each warp owns a whole number of 16-row m-tiles");
+    constexpr int MT = BM / (NWARPS * 16);  // m-tiles (16 query rows each) per warp
+    static_assert(HD % 16 == 0 && BN % 16 == 0, "tile shapes");
+    constexpr int NT_S = BN / 8;   // n-tiles of the score block per m-tile
+    constexpr int NT_O = HD / 8;   // n-tiles of the output block per m-tile
+    constexpr int KS_Q = HD / 16;  // k-steps over head dim
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+    bf16* sK = sQ + BM * HD;        // [2][BN*HD]
+    bf16* sV = sK + 2 * BN * HD;    // [2][BN*HD]
+
+    const int L = La + Lb;
+    const int m0 = blockIdx.x * BM;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    if (L <= 0 || m0 >= L || b >= B || h >= H) return;
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int t4 = lane & 3;
+    const int wrow0 = warp * 16 * MT;  // first query row (within the tile) of this warp
+
+    const int n_tiles = (L + BN - 1) / BN;
+
+    Streams st;
+    st.stride = 3 * H * HD;
+    st.part_stride = H * HD;
+    // (b * La == 0 when stream a is empty: qkv_a may then be null and is never dereferenced.)
+    st.a = qkv_a + (size_t)b * La * (size_t)st.stride + (size_t)h * HD;
+    st.b = qkv_b + (size_t)b * Lb * (size_t)st.stride + (size_t)h * HD;
+    st.La = La;
+    st.L = L;
+
+    // Prologue: Q tile + first K/V tile in one group.
+    load_tile<HD, BM, NTHREADS, false>(sQ, nullptr, st, 0, m0, tid);
+    load_tile<HD, BN, NTHREADS, true>(sK, sV, st, 1, 0, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (QKNORM) {
+        rmsnorm_tile<HD, BM, NTHREADS>(sQ, m0, La, L, w_qa, w_qb, tid);
+        __syncthreads();
+    }
+
+    // Q fragments of this warp's rows, all head-dim k-steps (A operand, row-major 16x16:
+    // matrices 0 = rows 0..7 / cols 0..7, 1 = rows 8..15 / cols 0..7, 2 = rows 0..7 /
+    // cols 8..15, 3 = rows 8..15 / cols 8..15 -> registers a0..a3).
+    u32 qf[MT][KS_Q][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r = wrow0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int ks = 0; ks < KS_Q; ++ks) {
+            const int c = ks * 2 + (lane >> 4);
+            ldmatrix_x4(smem_u32(sQ + swz<HD>(r, c)), qf[mt][ks][0], qf[mt][ks][1],
+                        qf[mt][ks][2], qf[mt][ks][3]);
+        }
+    }
+
+    float o[MT][NT_O][4];
+    float row_max[MT][2];  // in the log2-scaled domain
+    float row_sum[MT][2];  // per-thread partial sums (quad-reduced at the end)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < NT_O; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        row_max[mt][0] = row_max[mt][1] = neg_inf();
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+    const float sl2 = scale * 1.4426950408889634f;
+
+    // Per-lane byte offsets of the ldmatrix rows inside a K or V tile. Adding 16 rows keeps
+    // row & 7 and so the swizzle, so the offset of key block np (kk) is + np*16*HD*2 bytes.
+    u32 k_off[KS_Q], v_off[HD / 16];
+#pragma unroll
+    for (int ks = 0; ks < KS_Q; ++ks) {
+        // matrices: 0 = keys 0..7 / d ks*16+0..7, 1 = keys 0..7 / d +8..15,
+        //           2 = keys 8..15 / d +0..7,     3 = keys 8..15 / d +8..15
+        const int r = (lane & 7) + (lane >> 4) * 8;
+        const int c = ks * 2 + ((lane >> 3) & 1);
+        k_off[ks] = swz<HD>(r, c) * 2;
+    }
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+        // .trans matrices: 0 = keys 0..7 / d dp*16+0..7, 1 = keys 8..15 / d +0..7,
+        //                  2 = keys 0..7 / d +8..15,     3 = keys 8..15 / d +8..15
+        const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int c = dp * 2 + (lane >> 4);
+        v_off[dp] = swz<HD>(r, c) * 2;
+    }
+    const u32 sK_u = smem_u32(sK);
+    const u32 sV_u = smem_u32(sV);
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int buf = tile & 1;
+        const int n0 = tile * BN;
+        bf16* cK = sK + buf * BN * HD;
+        const u32 cK_u = sK_u + buf * (BN * HD * 2);
+        const u32 cV_u = sV_u + buf * (BN * HD * 2);
+        if (tile + 1 < n_tiles) {
+            // The other buffer was last read in iteration tile-1, which ended with a barrier.
+            load_tile<HD, BN, NTHREADS, true>(sK + (buf ^ 1) * BN * HD, sV + (buf ^ 1) * BN * HD,
+                                              st, 1, n0 + BN, tid);
+            cp_async_commit();
+        }
+        if (QKNORM) {
+            rmsnorm_tile<HD, BN, NTHREADS>(cK, n0, La, L, w_ka, w_kb, tid);
+            __syncthreads();
+        }
+
+        // S = Q K^T for this warp's rows x BN keys; each K fragment serves all MT m-tiles.
+        float s[MT][NT_S][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < NT_S; ++i)
+                s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS_Q; ++ks) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 k0, k1, k2, k3;
+                ldmatrix_x4(cK_u + k_off[ks] + np * (16 * HD * 2), k0, k1, k2, k3);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16_16816(s[mt][2 * np], qf[mt][ks], k0, k1);
+                    mma_bf16_16816(s[mt][2 * np + 1], qf[mt][ks], k2, k3);
+                }
+            }
+        }
+
+        // Scale into the log2 domain; mask keys beyond the sequence (only in the last tile).
+        const bool ragged = n0 + BN > L;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < NT_S; ++i) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float v = s[mt][i][e] * sl2;
+                    if (ragged) {
+                        const int key = n0 + i * 8 + 2 * t4 + (e & 1);
+                        if (key >= L) v = neg_inf();
+                    }
+                    s[mt][i][e] = v;
+                }
+            }
+        }
+
+        // Online softmax for the thread's rows (r = 0: row g, r = 1: row g + 8 of each m-tile).
+        // The probabilities are packed to bf16 right away: p[mt][i][r] holds row r's two keys
+        // n0 + 8i + 2*t4 (+1), the layout of A-fragment registers for the P V product.
+        u32 p[MT][NT_S][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[mt][r];
+#pragma unroll
+                for (int i = 0; i < NT_S; ++i)
+                    mx = fmaxf(mx, fmaxf(s[mt][i][2 * r], s[mt][i][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // mx is finite whenever the tile holds a valid key, which every tile does
+                // (n0 < L); guard anyway so that -inf - -inf never produces NaN.
+                const float m_use = (mx == neg_inf()) ? 0.f : mx;
+                const float alpha = fast_exp2(row_max[mt][r] - m_use);  // exp2(-inf) = 0
+                row_max[mt][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < NT_S; ++i) {
+                    const float p0 = fast_exp2(s[mt][i][2 * r] - m_use);
+                    const float p1 = fast_exp2(s[mt][i][2 * r + 1] - m_use);
+                    sum += p0 + p1;
+                    p[mt][i][r] = pack_bf16x2(p0, p1);
+                }
+                row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+                for (int i = 0; i < NT_O; ++i) {
+                    o[mt][i][2 * r] *= alpha;
+                    o[mt][i][2 * r + 1] *= alpha;
+                }
+            }
+        }
+
+        // O += P V. P (16 x BN per m-tile) is the A operand: k-step kk covers keys
+        // kk*16..kk*16+15 = score n-tiles 2kk (a0 = row g, a1 = row g+8) and 2kk+1 (a2, a3).
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; ++dp) {
+                u32 v0, v1, v2, v3;
+                ldmatrix_x4_trans(cV_u + v_off[dp] + kk * (16 * HD * 2), v0, v1, v2, v3);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const u32 pa[4] = {p[mt][2 * kk][0], p[mt][2 * kk][1], p[mt][2 * kk + 1][0],
+                                       p[mt][2 * kk + 1][1]};
+                    mma_bf16_16816(o[mt][2 * dp], pa, v0, v1);
+                    mma_bf16_16816(o[mt][2 * dp + 1], pa, v2, v3);
+                }
+            }
+        }
+
+        cp_async_wait_all();
+        __syncthreads();
+    }
+
+    // Epilogue: normalize, stage this warp's rows in its own (no longer read) Q rows, then
+    // 16-byte coalesced stores. Staging rows are offset by multiples of 16, so row & 7 (and the
+    // swizzle) of the local row index matches that of the smem row.
+    bf16* sO = sQ + wrow0 * HD;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inv[r] = (l > 0.f) ? 1.0f / l : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < NT_O; ++i) {
+            // n-tile i covers d = 8i..8i+7 = logical chunk i; the thread's 2 values at 2*t4.
+            *reinterpret_cast<u32*>(sO + swz<HD>(mt * 16 + g, i) + 2 * t4) =
+                pack_bf16x2(o[mt][i][0] * inv[0], o[mt][i][1] * inv[0]);
+            *reinterpret_cast<u32*>(sO + swz<HD>(mt * 16 + g + 8, i) + 2 * t4) =
+                pack_bf16x2(o[mt][i][2] * inv[1], o[mt][i][3] * inv[1]);
+        }
+    }
+    __syncwarp();
+    constexpr int CPR = HD / 8;
+    const size_t ostride = (size_t)H * HD;
+#pragma unroll
+    for (int it = 0; it < (16 * MT * CPR) / 32; ++it) {
+        const int id = lane + it * 32;
+        const int r = id / CPR;
+        const int c = id % CPR;
+        const int j = m0 + wrow0 + r;
+        if (j < L) {
+            const uint4 v = *reinterpret_cast<const uint4*>(sO + swz<HD>(r, c));
+            bf16* dst = (j < La) ? out_a + ((size_t)b * La + j) * ostride
+                                 : out_b + ((size_t)b * Lb + (j - La)) * ostride;
+            *reinterpret_cast<uint4*>(dst + (size_t)h * HD + c * 8) = v;
+        }
+    }
+}
+
+}  // namespace joint_attn
+
+// ---------------------------------------------------------------------------------------------
+// Exported entry points (C ABI; names are looked up from the cubin by the host).
+// ---------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_THREADS, 2)
+    joint_attn_hd64_bf16(const __nv_bfloat16* qkv_a, const __nv_bfloat16* qkv_b,
+                         __nv_bfloat16* out_a, __nv_bfloat16* out_b, int B, int La, int Lb, int H,
+                         float scale) {
+    joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N,
+                                JOINT_ATTN_HD64_THREADS, false>(
+        qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, nullptr, nullptr, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_THREADS, 2)
+    joint_attn_hd64_bf16_qknorm(const __nv_bfloat16* qkv_a, const __nv_bfloat16* qkv_b,
+                                __nv_bfloat16* out_a, __nv_bfloat16* out_b, int B, int La, int Lb,
+                                int H, float scale, const float* w_qa, const float* w_ka,
+                                const float* w_qb, const float* w_kb) {
+    joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N,
+                                JOINT_ATTN_HD64_THREADS, true>(
+        qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, w_qa, w_ka, w_qb, w_kb);
+}

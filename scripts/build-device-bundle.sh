@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build, on a development machine (no GPU needed), everything the GPU machine runs:
+#   dist/bin/dpir                 the CLI (release, stripped)
+#   dist/bin/cuda_kernels         kernel-vs-CPU-reference tests
+#   dist/bin/cuda_mmdit           CUDA MMDiT vs CPU MMDiT + zero-allocation loop test
+# (dist/bin/attention_check is built separately by scripts/build-attention-check.sh.)
+# Then copy dist/ (and .whl/ for the PyTorch baseline) to the GPU machine and run
+# scripts/device-check.sh OUTDIR there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p dist/bin
+cargo build --release -p dpir-cli
+cp target/release/dpir dist/bin/dpir
+# The test executables: cargo prints their paths as JSON artifacts.
+cargo test --release -p dpir-engine --test cuda_kernels --test cuda_mmdit --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        name = m["target"]["name"]
+        if name.startswith("cuda_"):
+            shutil.copy(m["executable"], "dist/bin/" + name)
+            print("dist/bin/" + name)
+'
+for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
+ls -la dist/bin
+du -sh dist

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The one command to run on a GPU machine, from the repo root. Builds nothing: it runs the
+# binaries prebuilt by scripts/build-device-bundle.sh (dist/bin/), the standalone attention
+# check if present (dist/bin/attention_check), the benches, and the PyTorch baseline (diffusers
+# carried as wheels in .whl/). Every stage runs under a timeout; the whole run stays under
+# 8 minutes. Writes into OUTDIR (at most 8 files, no subfolders):
+#   tests.log  bench.log  bench.json  bench_sd35.json  torch.log  torch.json  summary.json  summary.md
+# and prints a short table last.
+#
+#   scripts/device-check.sh OUTDIR
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: scripts/device-check.sh OUTDIR}"
+mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET=${DPIR_CHECK_BUDGET:-450}   # seconds for all stages (the table takes a few more)
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# stage NAME LIMIT LOG CMD...: runs CMD under min(LIMIT, time left), appends to LOG, records rc.
+declare -A RC
+stage() {
+  local name="$1" limit="$2" log="$3"; shift 3
+  local l; l=$(left)
+  if (( l < 15 )); then echo "== $name: skipped (time budget spent)" | tee -a "$log"; RC[$name]=skip; return; fi
+  (( limit > l )) && limit=$l
+  echo "== $name (timeout ${limit}s): $*" >> "$log"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  RC[$name]=$rc
+  echo "== $name: rc $rc in $(( $(date +%s) - t0 ))s" | tee -a "$log"
+}
+
+# CUDA libraries (cuBLASLt, NVRTC) for the dynamically loading binaries: look where the
+# CUDA toolkit and PyTorch's wheels keep them.
+libdirs=()
+pysite=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null || true)
+for d in "$pysite/nvidia/cu13/lib" "$pysite/nvidia/cublas/lib" "$pysite/nvidia/cuda_nvrtc/lib" \
+         /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [[ -n "$(ls "$d"/libcublasLt.so* "$d"/libnvrtc.so* 2>/dev/null)" ]] && libdirs+=("$d")
+done
+if (( ${#libdirs[@]} == 0 )); then
+  f=$(timeout 20 find /usr /opt -name 'libcublasLt.so*' 2>/dev/null | head -n 1)
+  [[ -n "$f" ]] && libdirs+=("$(dirname "$f")")
+fi
+LIBPATH=$(IFS=:; echo "${libdirs[*]:-}")
+export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2
+  echo "CUDA library dirs: ${LIBPATH:-none found}"
+  ls -la dist/bin 2>&1
+} > "$OUT/tests.log"
+
+if [[ -x dist/bin/cuda_kernels ]]; then
+  stage kernels 150 "$OUT/tests.log" dist/bin/cuda_kernels --nocapture --test-threads=1
+else echo "== kernels: missing dist/bin/cuda_kernels" | tee -a "$OUT/tests.log"; RC[kernels]=missing; fi
+if [[ -x dist/bin/cuda_mmdit ]]; then
+  stage mmdit 100 "$OUT/tests.log" dist/bin/cuda_mmdit --nocapture --test-threads=1
+else echo "== mmdit: missing dist/bin/cuda_mmdit" | tee -a "$OUT/tests.log"; RC[mmdit]=missing; fi
+# Standalone kernel checks built by other scripts (attention_check, vae_check, ...).
+found_check=0
+for chk in dist/bin/*_check; do
+  [[ -x "$chk" ]] || continue
+  found_check=1
+  stage "$(basename "$chk")" 75 "$OUT/tests.log" "$chk"
+done
+(( found_check )) || echo "== *_check: none bundled" >> "$OUT/tests.log"
+
+: > "$OUT/bench.log"
+if [[ -x dist/bin/dpir ]]; then
+  stage bench_sd3 120 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd3-medium-1024 --json "$OUT/bench.json"
+else echo "== bench: missing dist/bin/dpir" | tee -a "$OUT/bench.log"; RC[bench_sd3]=missing; fi
+
+: > "$OUT/torch.log"
+site=/tmp/dpir-site
+if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl >> "$OUT/torch.log" 2>&1; then
+  stage torch 120 "$OUT/torch.log" env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
+    python3 scripts/baselines/torch_sd3_step.py --config sd3-medium-1024 --json "$OUT/torch.json"
+else
+  echo "skipped: diffusers wheels missing or not installable (.whl/)" | tee -a "$OUT/torch.log"; RC[torch]=skip
+fi
+
+if [[ -x dist/bin/dpir ]]; then
+  stage bench_sd35 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd35-medium-1024 --reps 5 --json "$OUT/bench_sd35.json"
+  stage profile_sd3 60 "$OUT/bench.log" dist/bin/dpir profile --config sd3-medium-1024
+fi
+
+rcs=""
+for k in "${!RC[@]}"; do rcs+="$k=${RC[$k]} "; done
+timeout 30 python3 - "$OUT" "$rcs" "$(( $(date +%s) - START ))" <<'PY'
+import json, os, re, sys
+out, rcs, elapsed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def read(p):
+    try:
+        return open(os.path.join(out, p), errors="replace").read()
+    except OSError:
+        return ""
+def load(p):
+    try:
+        return json.load(open(os.path.join(out, p)))
+    except (OSError, ValueError):
+        return None
+tests = read("tests.log")
+passes = re.findall(r"^PASS (.*)$", tests, re.M)
+fails = re.findall(r"^FAIL (.*)$", tests, re.M)
+skips = re.findall(r"skipped: .*", tests)
+bench, b35, torch = load("bench.json"), load("bench_sd35.json"), load("torch.json")
+head = tests.splitlines()[:4]
+summary = {"header": head, "stage_rc": dict(kv.split("=", 1) for kv in rcs.split()), "elapsed_s": elapsed,
+           "tests": {"pass": len(passes), "fail": len(fails), "failed": fails, "skipped": skips},
+           "bench_sd3": bench, "bench_sd35": b35, "torch": torch}
+if bench and torch and bench.get("step_ms") and torch.get("eager_step_ms"):
+    summary["speedup_vs_torch_eager"] = torch["eager_step_ms"] / bench["step_ms"]
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+rows = [("stages (rc)", rcs.strip()), ("elapsed", f"{elapsed} s"),
+        ("kernel/model checks", f"{len(passes)} PASS, {len(fails)} FAIL" + (f", {len(skips)} skipped" if skips else ""))]
+for f in fails[:8]:
+    rows.append(("  FAIL", f[:90]))
+def op(b, key):
+    for o in (b or {}).get("ops", []):
+        if o["op"].startswith(key):
+            return o
+if bench:
+    c = bench.get("ceilings", {})
+    rows.append(("device", f"{bench.get('device')} sm_{bench.get('sm')}"))
+    rows.append(("ceilings", f"GEMM {c.get('gemm_tflops', 0):.0f} TFLOP/s, copy {c.get('copy_gbs', 0):.0f} GB/s"))
+    a = op(bench, "joint flash attention")
+    if a:
+        rows.append(("joint attention (ours)", f"{a['ms']:.3f} ms, {a['tflops']:.0f} TFLOP/s"))
+    rows.append(("SD3-medium step (ours)", f"{bench['step_ms']:.2f} ms ({bench['step_tflops']:.0f} TFLOP/s, floor {bench['flop_floor_ms']:.1f} ms), fused attn {bench.get('fused_attention')}, allocs in loop {bench.get('allocations_in_loop')}"))
+if b35:
+    rows.append(("SD3.5-medium step (ours)", f"{b35['step_ms']:.2f} ms"))
+if torch:
+    rows.append(("SD3-medium step (PyTorch eager)", f"{torch['eager_step_ms']:.2f} ms, SDPA {torch.get('sdpa_ms', 0):.3f} ms ({torch.get('sdpa_tflops', 0):.0f} TFLOP/s)"))
+if "speedup_vs_torch_eager" in summary:
+    rows.append(("speedup vs PyTorch eager", f"{summary['speedup_vs_torch_eager']:.2f}x"))
+md = ["# dpir device check", "", *[f"    {h}" for h in head], "", "| item | value |", "|---|---|"]
+md += [f"| {k} | {v} |" for k, v in rows]
+open(os.path.join(out, "summary.md"), "w").write("\n".join(md) + "\n")
+w = max(len(k) for k, _ in rows)
+print()
+for k, v in rows:
+    print(f"{k:<{w}}  {v}")
+PY
