@@ -94,7 +94,8 @@ class PairStore:
     changes there, so a run whose folder is complete at start is deterministic.
     """
 
-    def __init__(self, folder: str, scale: int = 4, max_pairs: int = 12000):
+    def __init__(self, folder: str, scale: int = 4, max_pairs: int = 12000,
+                 initial: int | None = None):
         self.folder = folder
         self.max_pairs = max_pairs
         self.scale = scale
@@ -105,7 +106,9 @@ class PairStore:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
-        self._load_new(limit=None, into_pending=False)
+        # Only a first handful synchronously: decoding thousands of PNGs here would stall
+        # training for minutes; `start_background` reads the rest while training runs.
+        self._load_new(limit=initial, into_pending=False)
 
     def _candidates(self):
         for folder in self.folder.split(","):

@@ -22,7 +22,9 @@ init="${3:-}"
 split="${4:-}"
 start=$(date +%s)
 end=$(python3 -c "print(int($start + float('$minutes') * 60))") || end=$((start + 60))
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+[[ -n "$init" && -d "$init" ]] && init=$(cd "$init" && pwd)
+cd "$(dirname "$0")/.." || exit 1
 log="$out/device_train.log"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$log"; }
 

@@ -58,7 +58,7 @@ def restore(st, lq: torch.Tensor, steps: int, strength: float, cfg: float, scale
 
 @torch.no_grad()
 def evaluate(st, photos: D.PhotoCrops, device, amp, n: int = 16, scale: int = 4,
-             crop: int = 256) -> dict:
+             crop: int = 256, should_stop=lambda: False) -> dict:
     g = torch.Generator(device=device)
     g.manual_seed(1234)
     dg = torch.Generator()
@@ -72,7 +72,11 @@ def evaluate(st, photos: D.PhotoCrops, device, amp, n: int = 16, scale: int = 4,
         out["robust_decode"] = psnr(st.vae.decoder(z).float(), hq)
         out["vae_hq_recon"] = psnr(st.vae.decoder(st.vae.encoder(hq)[0]).float(), hq)
     if st.steps["dit"] > 0:
-        for steps, strength, cfg in ((20, 1.0, 1.0), (20, 0.6, 1.0), (20, 1.0, 2.0)):
+        # (20, 1.0, 4.0) are the CLI defaults (steps, strength, cfg).
+        for steps, strength, cfg in ((20, 1.0, 4.0), (20, 1.0, 1.0), (20, 0.6, 1.0),
+                                     (20, 0.6, 4.0)):
+            if should_stop():
+                break
             r = restore(st, lq, steps, strength, cfg, scale, g, amp)
             out[f"dit_s{steps}_str{strength}_cfg{cfg}"] = psnr(r, hq)
     return {k: round(v, 3) for k, v in out.items()}

@@ -16,8 +16,8 @@ import os, sys
 from PIL import Image
 src, out = sys.argv[1], sys.argv[2]
 # (photo, x, y) of the 512 crop in the 2x-downscaled photo
-crops = [("perched-osprey", 464, 272), ("oakland-zoo-otters", 944, 272),
-         ("canyon-wren", 512, 104), ("casa-mila", 704, 368)]
+crops = [("perched-osprey", 464, 272), ("oakland-zoo-otters", 400, 200),
+         ("canyon-wren", 512, 104), ("casa-mila", 224, 560)]
 for name, x, y in crops:
     im = Image.open(os.path.join(src, f"budgie-backgrounds__{name}.jpg")).convert("RGB")
     im = im.resize((im.width // 2, im.height // 2), Image.LANCZOS)

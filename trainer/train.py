@@ -86,6 +86,8 @@ def parse_args(argv=None):
                    help="held-out photos: PSNR of a quick restore at the end (train.log, losses.json)")
     a.add_argument("--init-from", default=None,
                    help="start from exported model files in this folder (when no checkpoint)")
+    a.add_argument("--no-channels-last", action="store_true",
+                   help="keep NCHW convolutions on CUDA")
     a.add_argument("--compile", action="store_true", help="torch.compile the MMDiT")
     return a.parse_args(argv)
 
@@ -180,6 +182,11 @@ class Runner:
             except Exception as e:
                 log(f"warning: cannot initialise from {args.init_from} ({e}); starting fresh")
         self.stop = False
+        # NHWC convolutions run on the tensor cores in bf16; CPU runs keep NCHW.
+        self.cl = self.cuda and not args.no_channels_last
+        if self.cl:
+            for m in (self.st.vae, self.st.robust, self.st.model.dpir.lq_branch):
+                m.to(memory_format=torch.channels_last)
         self.bs_vae = args.batch_vae or (24 if self.cuda else 2)
         self.bs_dit = args.batch_dit or (64 if self.cuda else 2)
         self.crop = args.crop
@@ -202,7 +209,9 @@ class Runner:
         if self.args.pairs is None:
             return None
         if self.pairs is None:
-            self.pairs = D.PairStore(self.args.pairs, self.args.scale)
+            timed = self.args.steps is None
+            self.pairs = D.PairStore(self.args.pairs, self.args.scale,
+                                     initial=256 if timed else None)
             if self.args.steps is None:
                 self.pairs.start_background()
             self.log(f"data: {len(self.pairs)} pairs in {self.args.pairs} at start")
@@ -261,7 +270,8 @@ class Runner:
         os.replace(tmp, path)
 
     def make_opt(self, stage, params, lr):
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0,
+                                fused=self.cuda)
         if self.st.opt_stage == stage and self.st.opt_state is not None:
             opt.load_state_dict(self.st.opt_state)
         self.st.opt_stage = stage
@@ -329,7 +339,7 @@ class Runner:
         target_std = 1.0 / VAE_SCALE
 
         def step_fn():
-            x = photos.batch(self.st.data_gen, self.bs_vae, self.crop)
+            x = self.nhwc(photos.batch(self.st.data_gen, self.bs_vae, self.crop))
             with self._amp():
                 mean, logvar = vae.encoder(x)
                 mean, logvar = mean.float(), logvar.float().clamp(-30, 20)
@@ -364,10 +374,11 @@ class Runner:
 
         def step_fn():
             hq, lq, _ = self.lq_batch(self.bs_vae)
+            hq = self.nhwc(hq)
             with torch.no_grad(), self._amp():
                 z_hq = to_scaled(vae.encoder(hq)[0].float())
             with self._amp():
-                mean = rob(D.upscale(lq, self.args.scale))[0].float()
+                mean = rob(self.nhwc(D.upscale(lq, self.args.scale)))[0].float()
                 rec = vae.decoder(mean).float()
             lat = ((to_scaled(mean) - z_hq) ** 2).mean()
             pix = (rec - hq).abs().mean()
@@ -397,7 +408,8 @@ class Runner:
         def step_fn():
             hq, lq, lq_glob = self.lq_batch(self.bs_dit)
             b = hq.shape[0]
-            lq_up = D.upscale(lq, s)
+            hq = self.nhwc(hq)
+            lq_up = self.nhwc(D.upscale(lq, s))
             with torch.no_grad(), self._amp():
                 z0 = to_scaled(enc(hq)[0].float())
                 z_lq = to_scaled(rob(lq_up)[0].float())
@@ -424,6 +436,9 @@ class Runner:
         decay = min(0.999, (1 + step) / (10 + step))
         for pe, pm in zip(self.st.ema.parameters(), self.st.model.parameters()):
             pe.lerp_(pm.detach(), 1 - decay)
+
+    def nhwc(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.cl else x
 
     def _amp(self):
         if not self.cuda:
@@ -477,7 +492,7 @@ class Runner:
         if self.pairs is not None:
             self.pairs.stop()
         self.export(force=True)
-        if a.val:
+        if a.val and not self.stop:
             self.run_eval()
         self.write_losses()
         self.log(f"finished: steps {self.st.steps}")
@@ -489,10 +504,11 @@ class Runner:
             photos = D.PhotoCrops(self.args.val, self.device, self.crop)
             for m in (self.st.vae, self.st.robust, self.st.model, self.st.ema):
                 m.eval()
-            res = evaluate(self.st, photos, self.device, self._amp, crop=self.crop)
+            res = evaluate(self.st, photos, self.device, self._amp, crop=self.crop,
+                           n=16 if self.cuda else 2, should_stop=lambda: self.stop)
             self.st.losses.setdefault("eval", []).append(
                 {"steps": dict(self.st.steps), **res})
-            self.log(f"eval (PSNR dB, 16 held-out {self.crop} px crops, stand-in x4 degradation, "
+            self.log(f"eval (PSNR dB, held-out {self.crop} px crops, stand-in x4 degradation, "
                      f"{time.time() - t:.1f} s): {json.dumps(res)}")
         except Exception as e:  # the evaluation is informative only
             self.log(f"eval skipped: {e}")

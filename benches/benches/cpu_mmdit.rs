@@ -14,8 +14,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use dpir_engine::models::mmdit::Mmdit;
 use dpir_loader::config::MmditConfig;
 use dpir_tests::{
-    candle_mmdit, candle_mmdit_forward, mid_config, mmdit_flops, mmdit_inputs, mmdit_spec, random_weights,
-    tiny_bench_config,
+    candle_mmdit, candle_mmdit_forward, mid_config, mmdit_flops, mmdit_inputs, mmdit_spec,
+    random_weights, tiny_bench_config,
 };
 
 fn median(v: &mut [f64]) -> f64 {
@@ -23,7 +23,14 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn bench_config(c: &mut Criterion, name: &str, cfg: &MmditConfig, hw: usize, l: usize, samples: usize) {
+fn bench_config(
+    c: &mut Criterion,
+    name: &str,
+    cfg: &MmditConfig,
+    hw: usize,
+    l: usize,
+    samples: usize,
+) {
     let weights = random_weights(&mmdit_spec(cfg, false), 1);
     let (x, t, y, ctx) = mmdit_inputs(cfg, 1, hw, hw, l, 2);
     let ours = match Mmdit::load(cfg, &weights) {
@@ -38,7 +45,9 @@ fn bench_config(c: &mut Criterion, name: &str, cfg: &MmditConfig, hw: usize, l: 
     let ours_t = RefCell::new(Vec::new());
     let theirs_t = RefCell::new(Vec::new());
     let mut g = c.benchmark_group(format!("mmdit_{name}"));
-    g.sample_size(samples).warm_up_time(Duration::from_millis(1)).measurement_time(Duration::from_secs(1));
+    g.sample_size(samples)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
     g.bench_function("dpir_cpu_f32", |b| {
         b.iter_custom(|iters| {
             let s = Instant::now();

@@ -199,7 +199,7 @@ pub fn generate_pairs(
     every: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<PairSummary> {
-    if opts.scale == 0 || opts.crop == 0 || opts.crop % opts.scale != 0 {
+    if opts.scale == 0 || opts.crop == 0 || !opts.crop.is_multiple_of(opts.scale) {
         return Err(Error::Invalid(format!(
             "--crop {} must be a positive multiple of --scale {}",
             opts.crop, opts.scale
@@ -269,7 +269,7 @@ pub fn generate_pairs(
     let every = every.max(1);
     let tick = || {
         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-        if d % every == 0 {
+        if d.is_multiple_of(every) {
             progress(d, opts.count);
         }
     };

@@ -199,8 +199,81 @@ pub fn reflect(i: isize, n: usize) -> usize {
     m as usize
 }
 
-/// Correlate every channel with `kernel` (reflect padding), output the same size.
+/// If `kernel` is (numerically) an outer product `u v^T`, the factors: `u` along rows (vertical),
+/// `v` along columns (horizontal). Isotropic Gaussians are; rotated or generalized ones are not.
+pub fn separable_factors(kernel: &Kernel) -> Option<(Vec<f32>, Vec<f32>)> {
+    let k = kernel.size;
+    let m = k / 2;
+    let w = |i: usize, j: usize| f64::from(kernel.weights[i * k + j]);
+    let centre = w(m, m);
+    if k <= 1 || centre <= 0.0 {
+        return None;
+    }
+    let max = kernel
+        .weights
+        .iter()
+        .fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+    for i in 0..k {
+        for j in 0..k {
+            if (w(i, j) * centre - w(i, m) * w(m, j)).abs() > 1e-6 * max * centre {
+                return None;
+            }
+        }
+    }
+    let u = (0..k).map(|i| (w(i, m) / centre) as f32).collect();
+    let v = (0..k).map(|j| w(m, j) as f32).collect();
+    Some((u, v))
+}
+
+/// Correlate every channel with `kernel` (reflect padding), output the same size. Separable
+/// kernels run as two 1-D passes (same result up to float rounding).
 pub fn filter2d(img: &Planar, kernel: &Kernel) -> Planar {
+    match separable_factors(kernel) {
+        Some((u, v)) => filter_separable(img, &u, &v),
+        None => filter2d_direct(img, kernel),
+    }
+}
+
+/// Horizontal pass with `v`, vertical pass with `u`, both with reflect padding.
+fn filter_separable(img: &Planar, u: &[f32], v: &[f32]) -> Planar {
+    let (w, h) = (img.width, img.height);
+    let k = v.len();
+    let p = (k / 2) as isize;
+    let xs: Vec<usize> = (0..w + k - 1).map(|x| reflect(x as isize - p, w)).collect();
+    let mut out = Planar::zeros(w, h);
+    let mut tmp = vec![0.0f32; w * h];
+    let mut row = vec![0.0f32; w + k - 1];
+    for c in 0..3 {
+        let src = img.plane(c);
+        for y in 0..h {
+            let srow = &src[y * w..(y + 1) * w];
+            for (r, &sx) in row.iter_mut().zip(&xs) {
+                *r = srow[sx];
+            }
+            let trow = &mut tmp[y * w..(y + 1) * w];
+            trow.iter_mut().for_each(|t| *t = 0.0);
+            for (j, &kv) in v.iter().enumerate() {
+                for (t, &s) in trow.iter_mut().zip(&row[j..j + w]) {
+                    *t += kv * s;
+                }
+            }
+        }
+        let dst = out.plane_mut(c);
+        for y in 0..h {
+            let orow = &mut dst[y * w..(y + 1) * w];
+            for (i, &kv) in u.iter().enumerate() {
+                let sy = reflect(y as isize + i as isize - p, h);
+                for (o, &s) in orow.iter_mut().zip(&tmp[sy * w..(sy + 1) * w]) {
+                    *o += kv * s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Correlate every channel with the full 2-D `kernel` (reflect padding).
+pub fn filter2d_direct(img: &Planar, kernel: &Kernel) -> Planar {
     let k = kernel.size;
     if k <= 1 {
         let mut out = img.clone();

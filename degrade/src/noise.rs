@@ -100,7 +100,7 @@ fn ln_factorial(k: f64) -> f64 {
 /// A Poisson(`lambda`) sample: multiplication method for small means, Hörmann's transformed
 /// rejection (PTRS) for `lambda >= 10`.
 pub fn poisson(rng: &mut Rng, lambda: f64) -> f64 {
-    if !(lambda > 0.0) {
+    if lambda.is_nan() || lambda <= 0.0 {
         return 0.0;
     }
     if lambda < 10.0 {

@@ -1,7 +1,9 @@
 //! Single-thread cost of one 256 -> 64 degradation (no file I/O). A measurement, not a check:
 //! `cargo test --release -p dpir-degrade --test timing -- --ignored --nocapture`.
 
-use dpir_degrade::{degrade, Planar, Preset, Rng};
+use dpir_degrade::kernels::{filter2d, gaussian_family, KernelKind};
+use dpir_degrade::noise::{add_gaussian, add_poisson};
+use dpir_degrade::{degrade, jpeg, Planar, Preset, Rng};
 use std::time::Instant;
 
 #[test]
@@ -30,4 +32,30 @@ fn time_256_to_64() {
         let ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
         println!("{preset:?}: {ms:.2} ms per 256->64 degradation (1 thread, {runs} runs)");
     }
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..20 {
+            f();
+        }
+        let ms = start.elapsed().as_secs_f64() * 1e3 / 20.0;
+        println!("  {name}: {ms:.2} ms on 256x256");
+    };
+    for k in [7, 13, 21] {
+        let kern = gaussian_family(KernelKind::Aniso, k, 2.0, 1.0, 0.3, 1.0);
+        time(&format!("blur {k}x{k}"), &mut || {
+            let _ = filter2d(&img, &kern);
+        });
+    }
+    let mut r = Rng::new(3);
+    time("gaussian noise", &mut || {
+        let mut x = img.clone();
+        add_gaussian(&mut x, 10.0, false, &mut r);
+    });
+    time("poisson noise", &mut || {
+        let mut x = img.clone();
+        add_poisson(&mut x, 1.0, false, &mut r);
+    });
+    time("jpeg round trip", &mut || {
+        let _ = jpeg::roundtrip(&img, 50);
+    });
 }

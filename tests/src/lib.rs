@@ -75,7 +75,13 @@ pub fn random_weights(spec: &[(String, Vec<usize>)], seed: u64) -> HashMap<Strin
 pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), String> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.shape.clone(),
+                t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let views = bytes
         .iter()
@@ -85,18 +91,23 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resu
                 .map_err(|e| format!("{k}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, &None, path).map_err(|e| format!("{}: {e}", path.display()))
+    safetensors::serialize_to_file(views, &None, path)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Reads every tensor of an f32/f16/bf16 safetensors file into f32.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, String> {
     let buf = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&buf).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&buf)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let d = view.data();
         let data: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            safetensors::Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             safetensors::Dtype::F16 => d
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -130,7 +141,10 @@ pub fn mmdit_spec(cfg: &MmditConfig, last_context_qk_norm: bool) -> Vec<(String,
         s.push((format!("{name}.weight"), vec![o, i]));
         s.push((format!("{name}.bias"), vec![o]));
     };
-    s.push(("x_embedder.proj.weight".into(), vec![d, cfg.in_channels, p, p]));
+    s.push((
+        "x_embedder.proj.weight".into(),
+        vec![d, cfg.in_channels, p, p],
+    ));
     s.push(("x_embedder.proj.bias".into(), vec![d]));
     let m = cfg.pos_embed_max_size;
     s.push(("pos_embed".into(), vec![1, m * m, d]));
@@ -225,8 +239,16 @@ pub fn candle_config(cfg: &MmditConfig) -> candle_transformers::models::mmdit::m
 }
 
 /// Our tensor as a candle tensor of the given dtype on the CPU.
-pub fn to_candle(t: &Tensor, dtype: candle_core::DType) -> candle_core::Result<candle_core::Tensor> {
-    candle_core::Tensor::from_vec(t.data.clone(), t.shape.as_slice(), &candle_core::Device::Cpu)?.to_dtype(dtype)
+pub fn to_candle(
+    t: &Tensor,
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_core::Tensor> {
+    candle_core::Tensor::from_vec(
+        t.data.clone(),
+        t.shape.as_slice(),
+        &candle_core::Device::Cpu,
+    )?
+    .to_dtype(dtype)
 }
 
 /// A candle tensor (any float dtype) as ours, in f32.
@@ -271,7 +293,9 @@ pub fn mmdit_inputs(
     let x = random_tensor(&[batch, cfg.in_channels, h, w], &mut rng, 1.0);
     let y = random_tensor(&[batch, cfg.pooled_dim], &mut rng, 1.0);
     let ctx = random_tensor(&[batch, l, cfg.context_dim], &mut rng, 1.0);
-    let t = (0..batch).map(|i| 1000.0 * (0.9 - 0.5 * i as f32 / batch as f32)).collect();
+    let t = (0..batch)
+        .map(|i| 1000.0 * (0.9 - 0.5 * i as f32 / batch as f32))
+        .collect();
     (x, t, y, ctx)
 }
 

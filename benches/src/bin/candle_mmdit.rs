@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use dpir_tests::{
-    candle_mmdit, candle_mmdit_forward, mid_config, mmdit_flops, mmdit_inputs, mmdit_spec, random_weights,
-    sd3_like_config, tiny_bench_config,
+    candle_mmdit, candle_mmdit_forward, mid_config, mmdit_flops, mmdit_inputs, mmdit_spec,
+    random_weights, sd3_like_config, tiny_bench_config,
 };
 
 struct Args {
@@ -40,7 +40,10 @@ fn parse() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
-        let num = || v.parse::<usize>().map_err(|_| format!("{k}: expected a number, got `{v}`"));
+        let num = || {
+            v.parse::<usize>()
+                .map_err(|_| format!("{k}: expected a number, got `{v}`"))
+        };
         match k.as_str() {
             "--config" => a.config = v.clone(),
             "--depth" => a.depth = Some(num()?),
@@ -54,7 +57,7 @@ fn parse() -> Result<Args, String> {
             _ => return Err(format!("unknown argument `{k}`")),
         }
     }
-    if a.runs == 0 || a.batch == 0 || a.latent == 0 || a.latent % 2 != 0 {
+    if a.runs == 0 || a.batch == 0 || a.latent == 0 || !a.latent.is_multiple_of(2) {
         return Err("--runs and --batch must be >= 1, --latent even and >= 2".into());
     }
     Ok(a)
@@ -84,7 +87,8 @@ fn run() -> Result<String, String> {
     let mut times = Vec::with_capacity(a.runs);
     for _ in 0..a.runs {
         let s = Instant::now();
-        candle_mmdit_forward(&model, &x, &t, &y, &ctx, dt).map_err(|e| format!("candle forward: {e}"))?;
+        candle_mmdit_forward(&model, &x, &t, &y, &ctx, dt)
+            .map_err(|e| format!("candle forward: {e}"))?;
         times.push(s.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);

@@ -62,6 +62,12 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// As [`attention`], with strided q/k/v rows: row `t` of batch `b` starts at
 /// `x.data[(b·L + t)·x.stride]` and holds the heads' `H·Dh` features contiguously.
 /// `out` is contiguous `[B, Lq, H·Dh]`.
@@ -79,8 +85,16 @@ pub fn attention_strided(
     scale: f32,
 ) {
     let d = heads * head_dim;
-    let need = |r: &Rows<'_>, l: usize| batch * l == 0 || r.data.len() >= (batch * l - 1) * r.stride + d;
-    assert!(need(&q, lq) && need(&k, lk) && need(&v, lk) && q.stride >= d && k.stride >= d && v.stride >= d);
+    let need =
+        |r: &Rows<'_>, l: usize| batch * l == 0 || r.data.len() >= (batch * l - 1) * r.stride + d;
+    assert!(
+        need(&q, lq)
+            && need(&k, lk)
+            && need(&v, lk)
+            && q.stride >= d
+            && k.stride >= d
+            && v.stride >= d
+    );
     assert!(out.len() >= batch * lq * d);
     if batch * lq == 0 {
         return;
@@ -118,7 +132,6 @@ pub fn attention_strided(
             )
         },
         |(qt, s, o, sums), task| {
-            let out_ptr = out_ptr;
             let qb = task % q_blocks;
             let bh = task / q_blocks;
             let (b, h) = (bh / heads, bh % heads);
@@ -126,7 +139,10 @@ pub fn attention_strided(
             let rows = Q_BLOCK.min(lq - q0);
             for r in 0..rows {
                 let src = (b * lq + q0 + r) * q.stride + h * head_dim;
-                for (dst, &x) in qt[r * head_dim..][..head_dim].iter_mut().zip(&q.data[src..src + head_dim]) {
+                for (dst, &x) in qt[r * head_dim..][..head_dim]
+                    .iter_mut()
+                    .zip(&q.data[src..src + head_dim])
+                {
                     *dst = x * scale;
                 }
             }
@@ -141,7 +157,7 @@ pub fn attention_strided(
                 for (c, &x) in o[r * head_dim..][..head_dim].iter().enumerate() {
                     // SAFETY: `dst + c < batch·lq·d <= out.len()` (asserted above), and no
                     // other task writes row (b, q0 + r) within head h's columns.
-                    unsafe { *out_ptr.0.add(dst + c) = x * inv };
+                    unsafe { *out_ptr.get().add(dst + c) = x * inv };
                 }
             }
         },
@@ -170,14 +186,20 @@ pub fn attention_reference(
                 let s: Vec<f64> = (0..lk)
                     .map(|j| {
                         let kr = &k[(b * lk + j) * d + h * head_dim..][..head_dim];
-                        qr.iter().zip(kr).map(|(a, c)| (*a as f64) * (*c as f64)).sum::<f64>() * scale as f64
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, c)| (*a as f64) * (*c as f64))
+                            .sum::<f64>()
+                            * scale as f64
                     })
                     .collect();
                 let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                 let sum: f64 = e.iter().sum();
                 for c in 0..head_dim {
-                    let acc: f64 = (0..lk).map(|j| e[j] * v[(b * lk + j) * d + h * head_dim + c] as f64).sum();
+                    let acc: f64 = (0..lk)
+                        .map(|j| e[j] * v[(b * lk + j) * d + h * head_dim + c] as f64)
+                        .sum();
                     out[(b * lq + i) * d + h * head_dim + c] = (acc / sum) as f32;
                 }
             }
@@ -191,9 +213,11 @@ mod tests {
 
     #[test]
     fn tiled_matches_reference() {
-        for &(batch, heads, lq, lk, hd) in &[(1, 2, 5, 7, 4), (2, 3, 130, 70, 16), (1, 1, 64, 1, 8)] {
+        for &(batch, heads, lq, lk, hd) in &[(1, 2, 5, 7, 4), (2, 3, 130, 70, 16), (1, 1, 64, 1, 8)]
+        {
             let d = heads * hd;
-            let gen = |n: usize, s: f32| (0..n).map(|i| ((i as f32) * s).sin()).collect::<Vec<f32>>();
+            let gen =
+                |n: usize, s: f32| (0..n).map(|i| ((i as f32) * s).sin()).collect::<Vec<f32>>();
             let q = gen(batch * lq * d, 0.37);
             let k = gen(batch * lk * d, 0.71);
             let v = gen(batch * lk * d, 0.13);

@@ -51,7 +51,7 @@ pub fn exp_fast(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let bits = ((n as i32 + 127) as u32) << 23;
     e * f32::from_bits(bits)
@@ -195,7 +195,9 @@ pub fn layer_norm_modulate(
     scale: &[f32],
     eps: f32,
 ) {
-    assert!(out.len() == x.len() && shift.len() == d && scale.len() == d && x.len() % d == 0);
+    assert!(
+        out.len() == x.len() && shift.len() == d && scale.len() == d && x.len().is_multiple_of(d)
+    );
     layer_norm_modulate_body(x, out, d, shift, scale, eps);
 }
 
@@ -211,7 +213,7 @@ pub fn layer_norm_no_affine(x: &[f32], d: usize, eps: f32) -> Vec<f32> {
 /// `x · w / sqrt(mean(x²) + eps)`.
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
-    assert!(d > 0 && x.len() % d == 0);
+    assert!(d > 0 && x.len().is_multiple_of(d));
     for g in x.chunks_exact_mut(d) {
         let ss: f32 = g.iter().map(|v| v * v).sum();
         let r = 1.0 / (ss / d as f32 + eps).sqrt();
@@ -234,7 +236,7 @@ dispatch! {
 
 /// `x[r, :] += gate ⊙ y[r, :]` for every row (rows of width `gate.len()`).
 pub fn gated_add(x: &mut [f32], y: &[f32], gate: &[f32]) {
-    assert!(!gate.is_empty() && x.len() == y.len() && x.len() % gate.len() == 0);
+    assert!(!gate.is_empty() && x.len() == y.len() && x.len().is_multiple_of(gate.len()));
     gated_add_body(x, y, gate);
 }
 
@@ -274,10 +276,17 @@ mod tests {
             let xd = x as f64;
             let gr = 0.5
                 * xd
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
+                * (1.0
+                    + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3))).tanh());
             let sr = xd / (1.0 + (-xd).exp());
-            assert!((gv as f64 - gr).abs() < 1e-6 * (1.0 + gr.abs()), "gelu({x})");
-            assert!((sv as f64 - sr).abs() < 1e-6 * (1.0 + sr.abs()), "silu({x})");
+            assert!(
+                (gv as f64 - gr).abs() < 1e-6 * (1.0 + gr.abs()),
+                "gelu({x})"
+            );
+            assert!(
+                (sv as f64 - sr).abs() < 1e-6 * (1.0 + sr.abs()),
+                "silu({x})"
+            );
         }
     }
 

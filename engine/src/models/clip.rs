@@ -197,7 +197,12 @@ pub struct ClipVision {
 impl ClipVision {
     pub fn load(cfg: &ClipVisionConfig, w: &dyn WeightSource) -> Result<Self> {
         let (d, p, s) = (cfg.hidden, cfg.patch_size, cfg.image_size);
-        if cfg.layers == 0 || cfg.heads == 0 || !d.is_multiple_of(cfg.heads) || p == 0 || !s.is_multiple_of(p) {
+        if cfg.layers == 0
+            || cfg.heads == 0
+            || !d.is_multiple_of(cfg.heads)
+            || p == 0
+            || !s.is_multiple_of(p)
+        {
             return Err(Error::Model(format!(
                 "clip vision config: hidden {d} / heads {}, image {s} / patch {p}, layers {}",
                 cfg.heads, cfg.layers

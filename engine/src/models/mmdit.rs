@@ -115,7 +115,13 @@ struct DitBlock {
 }
 
 impl DitBlock {
-    fn load(w: &dyn WeightSource, p: &str, cfg: &MmditConfig, pre_only: bool, attn2: bool) -> Result<Self> {
+    fn load(
+        w: &dyn WeightSource,
+        p: &str,
+        cfg: &MmditConfig,
+        pre_only: bool,
+        attn2: bool,
+    ) -> Result<Self> {
         let d = cfg.hidden;
         let n_mods = if pre_only {
             2
@@ -203,14 +209,21 @@ impl Mmdit {
     pub fn load(cfg: &MmditConfig, w: &dyn WeightSource) -> Result<Self> {
         let d = cfg.hidden;
         let p = cfg.patch_size;
-        if cfg.depth == 0 || cfg.num_heads == 0 || d % cfg.num_heads != 0 || p == 0 {
+        if cfg.depth == 0 || cfg.num_heads == 0 || !d.is_multiple_of(cfg.num_heads) || p == 0 {
             return Err(Error::Model(format!(
                 "invalid MMDiT config: depth {}, hidden {d}, heads {}, patch {p}",
                 cfg.depth, cfg.num_heads
             )));
         }
-        if cfg.attn2_blocks.get(cfg.depth - 1).copied().unwrap_or(false) {
-            return Err(Error::Model("MMDiT: the last joint block cannot have attn2".into()));
+        if cfg
+            .attn2_blocks
+            .get(cfg.depth - 1)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Err(Error::Model(
+                "MMDiT: the last joint block cannot have attn2".into(),
+            ));
         }
         let pe = w.tensor_shaped("x_embedder.proj.weight", &[d, cfg.in_channels, p, p])?;
         let pb = w.tensor_shaped("x_embedder.proj.bias", &[d])?;
@@ -237,8 +250,20 @@ impl Mmdit {
             let last = i + 1 == cfg.depth;
             let attn2 = cfg.attn2_blocks.get(i).copied().unwrap_or(false);
             joint_blocks.push(JointBlock {
-                x_block: DitBlock::load(w, &format!("joint_blocks.{i}.x_block"), cfg, false, attn2)?,
-                context_block: DitBlock::load(w, &format!("joint_blocks.{i}.context_block"), cfg, last, false)?,
+                x_block: DitBlock::load(
+                    w,
+                    &format!("joint_blocks.{i}.x_block"),
+                    cfg,
+                    false,
+                    attn2,
+                )?,
+                context_block: DitBlock::load(
+                    w,
+                    &format!("joint_blocks.{i}.context_block"),
+                    cfg,
+                    last,
+                    false,
+                )?,
             });
         }
         let final_ada = Linear::load(w, "final_layer.adaLN_modulation.1", 2 * d, d)?;
@@ -295,7 +320,10 @@ impl Mmdit {
         let d = cfg.hidden;
         let p = cfg.patch_size;
         let [b, c, h, w] = x.shape[..] else {
-            return Err(Error::Model(format!("MMDiT input x: expected [B, C, H, W], found {:?}", x.shape)));
+            return Err(Error::Model(format!(
+                "MMDiT input x: expected [B, C, H, W], found {:?}",
+                x.shape
+            )));
         };
         if c != cfg.in_channels || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
             return Err(Error::Model(format!(
@@ -311,7 +339,10 @@ impl Mmdit {
             )));
         }
         if timestep.len() != b {
-            return Err(Error::Model(format!("MMDiT: {} timesteps for batch {b}", timestep.len())));
+            return Err(Error::Model(format!(
+                "MMDiT: {} timesteps for batch {b}",
+                timestep.len()
+            )));
         }
         if y.shape != [b, cfg.pooled_dim] {
             return Err(Error::Model(format!(
@@ -350,7 +381,8 @@ impl Mmdit {
                     for ci in 0..c {
                         for i in 0..p {
                             for j in 0..p {
-                                row[(ci * p + i) * p + j] = x.data[((bi * c + ci) * h + r * p + i) * w + col * p + j];
+                                row[(ci * p + i) * p + j] =
+                                    x.data[((bi * c + ci) * h + r * p + i) * w + col * p + j];
                             }
                         }
                     }
@@ -374,8 +406,14 @@ impl Mmdit {
         // c = t_embedder(t) + y_embedder(y); every adaLN reads SiLU(c).
         let f = cfg.frequency_embedding_size;
         let t_freq = timestep_embedding(timestep, f);
-        let te = self.t_embedder.1.forward(&silu(&self.t_embedder.0.forward(&t_freq, b)), b);
-        let ye = self.y_embedder.1.forward(&silu(&self.y_embedder.0.forward(&y.data, b)), b);
+        let te = self
+            .t_embedder
+            .1
+            .forward(&silu(&self.t_embedder.0.forward(&t_freq, b)), b);
+        let ye = self
+            .y_embedder
+            .1
+            .forward(&silu(&self.y_embedder.0.forward(&y.data, b)), b);
         let cvec: Vec<f32> = te.iter().zip(&ye).map(|(a, c)| a + c).collect();
         let silu_c = silu(&cvec);
 
@@ -406,7 +444,11 @@ impl Mmdit {
             if let Some(t) = trace.as_deref_mut() {
                 let last = i + 1 == self.joint_blocks.len();
                 t.push(BlockOutput {
-                    context: if last { None } else { Some(Tensor::new(&[b, l, d], cs.clone())?) },
+                    context: if last {
+                        None
+                    } else {
+                        Some(Tensor::new(&[b, l, d], cs.clone())?)
+                    },
                     x: Tensor::new(&[b, n, d], xs.clone())?,
                 });
             }
@@ -435,7 +477,8 @@ impl Mmdit {
                     for i in 0..p {
                         for j in 0..p {
                             for ch in 0..oc {
-                                out[((bi * oc + ch) * h + r * p + i) * w + col * p + j] = tok[(i * p + j) * oc + ch];
+                                out[((bi * oc + ch) * h + r * p + i) * w + col * p + j] =
+                                    tok[(i * p + j) * oc + ch];
                             }
                         }
                     }
@@ -469,11 +512,31 @@ impl Mmdit {
 
         // Pre-attention: LayerNorm + modulate, qkv, qk-norm.
         for bi in 0..b {
-            layer_norm_modulate(&xs[bi * n * d..][..n * d], &mut wk.xmod[bi * n * d..][..n * d], d, xm(bi, 0), xm(bi, 1), LN_EPS);
-            layer_norm_modulate(&cs[bi * l * d..][..l * d], &mut wk.cmod[bi * l * d..][..l * d], d, cm(bi, 0), cm(bi, 1), LN_EPS);
+            layer_norm_modulate(
+                &xs[bi * n * d..][..n * d],
+                &mut wk.xmod[bi * n * d..][..n * d],
+                d,
+                xm(bi, 0),
+                xm(bi, 1),
+                LN_EPS,
+            );
+            layer_norm_modulate(
+                &cs[bi * l * d..][..l * d],
+                &mut wk.cmod[bi * l * d..][..l * d],
+                d,
+                cm(bi, 0),
+                cm(bi, 1),
+                LN_EPS,
+            );
         }
-        blk.x_block.attn.qkv.forward_into(&wk.xmod, &mut wk.qkv_x, b * n);
-        blk.context_block.attn.qkv.forward_into(&wk.cmod, &mut wk.qkv_c, b * l);
+        blk.x_block
+            .attn
+            .qkv
+            .forward_into(&wk.xmod, &mut wk.qkv_x, b * n);
+        blk.context_block
+            .attn
+            .qkv
+            .forward_into(&wk.cmod, &mut wk.qkv_c, b * l);
         blk.x_block.attn.norm_qk(&mut wk.qkv_x, d);
         blk.context_block.attn.norm_qk(&mut wk.qkv_c, d);
 
@@ -482,7 +545,14 @@ impl Mmdit {
         if let Some(a2) = &blk.x_block.attn2 {
             let xmod2 = &mut wk.tmp[..b * n * d];
             for bi in 0..b {
-                layer_norm_modulate(&xs[bi * n * d..][..n * d], &mut xmod2[bi * n * d..][..n * d], d, xm(bi, 6), xm(bi, 7), LN_EPS);
+                layer_norm_modulate(
+                    &xs[bi * n * d..][..n * d],
+                    &mut xmod2[bi * n * d..][..n * d],
+                    d,
+                    xm(bi, 6),
+                    xm(bi, 7),
+                    LN_EPS,
+                );
             }
             wk.qkv2.resize(b * n * 3 * d, 0.0);
             wk.attn2.resize(b * n * d, 0.0);
@@ -492,7 +562,18 @@ impl Mmdit {
                 data: &wk.qkv2[off..],
                 stride: 3 * d,
             };
-            attention_strided(rows(0), rows(d), rows(2 * d), &mut wk.attn2, b, heads, n, n, hd, scale);
+            attention_strided(
+                rows(0),
+                rows(d),
+                rows(2 * d),
+                &mut wk.attn2,
+                b,
+                heads,
+                n,
+                n,
+                hd,
+                scale,
+            );
         }
 
         // Joint attention over [context; image] tokens.
@@ -505,7 +586,18 @@ impl Mmdit {
             data: &wk.joint[off..],
             stride: 3 * d,
         };
-        attention_strided(rows(0), rows(d), rows(2 * d), &mut wk.attn, b, heads, lt, lt, hd, scale);
+        attention_strided(
+            rows(0),
+            rows(d),
+            rows(2 * d),
+            &mut wk.attn,
+            b,
+            heads,
+            lt,
+            lt,
+            hd,
+            scale,
+        );
         for bi in 0..b {
             let src = &wk.attn[bi * lt * d..][..lt * d];
             wk.attn_c[bi * l * d..][..l * d].copy_from_slice(&src[..l * d]);
@@ -513,13 +605,30 @@ impl Mmdit {
         }
 
         // Context stream: gated attention and MLP residuals (absent in the last block).
-        if let (Some(proj), Some((fc1, fc2))) = (&blk.context_block.attn.proj, &blk.context_block.mlp) {
+        if let (Some(proj), Some((fc1, fc2))) =
+            (&blk.context_block.attn.proj, &blk.context_block.mlp)
+        {
             let tmp = &mut wk.tmp[..b * l * d];
             proj.forward_into(&wk.attn_c, tmp, b * l);
             for bi in 0..b {
-                gated_add(&mut cs[bi * l * d..][..l * d], &tmp[bi * l * d..][..l * d], cm(bi, 2));
+                gated_add(
+                    &mut cs[bi * l * d..][..l * d],
+                    &tmp[bi * l * d..][..l * d],
+                    cm(bi, 2),
+                );
             }
-            mlp_residual(cs, &mut wk.cmod, &mut wk.hidden, &mut wk.tmp, fc1, fc2, b, l, d, &|bi, k| cm(bi, k));
+            mlp_residual(
+                cs,
+                &mut wk.cmod,
+                &mut wk.hidden,
+                &mut wk.tmp,
+                fc1,
+                fc2,
+                b,
+                l,
+                d,
+                &|bi, k| cm(bi, k),
+            );
         }
 
         // Image stream (attn2 for MMDiT-X blocks), then its MLP.
@@ -527,18 +636,37 @@ impl Mmdit {
             let tmp = &mut wk.tmp[..b * n * d];
             proj.forward_into(&wk.attn_x, tmp, b * n);
             for bi in 0..b {
-                gated_add(&mut xs[bi * n * d..][..n * d], &tmp[bi * n * d..][..n * d], xm(bi, 2));
+                gated_add(
+                    &mut xs[bi * n * d..][..n * d],
+                    &tmp[bi * n * d..][..n * d],
+                    xm(bi, 2),
+                );
             }
         }
         if let Some(a2p) = blk.x_block.attn2.as_ref().and_then(|a| a.proj.as_ref()) {
             let tmp = &mut wk.tmp[..b * n * d];
             a2p.forward_into(&wk.attn2, tmp, b * n);
             for bi in 0..b {
-                gated_add(&mut xs[bi * n * d..][..n * d], &tmp[bi * n * d..][..n * d], xm(bi, 8));
+                gated_add(
+                    &mut xs[bi * n * d..][..n * d],
+                    &tmp[bi * n * d..][..n * d],
+                    xm(bi, 8),
+                );
             }
         }
         if let Some((fc1, fc2)) = &blk.x_block.mlp {
-            mlp_residual(xs, &mut wk.xmod, &mut wk.hidden, &mut wk.tmp, fc1, fc2, b, n, d, &|bi, k| xm(bi, k));
+            mlp_residual(
+                xs,
+                &mut wk.xmod,
+                &mut wk.hidden,
+                &mut wk.tmp,
+                fc1,
+                fc2,
+                b,
+                n,
+                d,
+                &|bi, k| xm(bi, k),
+            );
         }
     }
 }
@@ -562,7 +690,14 @@ fn mlp_residual<'m>(
         return;
     }
     for bi in 0..b {
-        layer_norm_modulate(&x[bi * t * d..][..t * d], &mut xmod[bi * t * d..][..t * d], d, mods(bi, 3), mods(bi, 4), LN_EPS);
+        layer_norm_modulate(
+            &x[bi * t * d..][..t * d],
+            &mut xmod[bi * t * d..][..t * d],
+            d,
+            mods(bi, 3),
+            mods(bi, 4),
+            LN_EPS,
+        );
     }
     let hsz = fc1.n_out;
     let hidden = &mut hidden[..b * t * hsz];
@@ -571,7 +706,11 @@ fn mlp_residual<'m>(
     let tmp = &mut tmp[..b * t * d];
     fc2.forward_into(hidden, tmp, b * t);
     for bi in 0..b {
-        gated_add(&mut x[bi * t * d..][..t * d], &tmp[bi * t * d..][..t * d], mods(bi, 5));
+        gated_add(
+            &mut x[bi * t * d..][..t * d],
+            &tmp[bi * t * d..][..t * d],
+            mods(bi, 5),
+        );
     }
 }
 
@@ -594,8 +733,19 @@ fn timestep_embedding(t: &[f32], dim: usize) -> Vec<f32> {
 /// `f` to the token mean/std of `x` and add `gate ⊙ f̂` to `x`. `x`, `f` are
 /// `[batch, tokens, hidden]`; `gate` is `[hidden]`. Channels whose gate is exactly zero
 /// are left untouched, so a zero gate reproduces plain SD3 bit for bit.
-pub fn align_and_add(x: &mut [f32], f: &[f32], gate: &[f32], batch: usize, tokens: usize, hidden: usize) {
-    assert!(x.len() >= batch * tokens * hidden && f.len() >= batch * tokens * hidden && gate.len() == hidden);
+pub fn align_and_add(
+    x: &mut [f32],
+    f: &[f32],
+    gate: &[f32],
+    batch: usize,
+    tokens: usize,
+    hidden: usize,
+) {
+    assert!(
+        x.len() >= batch * tokens * hidden
+            && f.len() >= batch * tokens * hidden
+            && gate.len() == hidden
+    );
     if tokens == 0 || gate.iter().all(|&g| g == 0.0) {
         return;
     }
@@ -616,7 +766,9 @@ pub fn align_and_add(x: &mut [f32], f: &[f32], gate: &[f32], batch: usize, token
         }
         (
             mean.iter().map(|&m| m as f32).collect(),
-            var.iter().map(|&s| (s / tokens as f64).sqrt() as f32).collect(),
+            var.iter()
+                .map(|&s| (s / tokens as f64).sqrt() as f32)
+                .collect(),
         )
     };
     for bi in 0..batch {
