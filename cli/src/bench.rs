@@ -65,13 +65,15 @@ fn bench_config(name: &str) -> Result<BenchConfig, Error> {
     let (model, latent, ctx, name) = match name {
         "sd3-medium-1024" => (MmditConfig::sd3_medium(), 128, 154, "sd3-medium-1024"),
         "sd35-medium-1024" => (MmditConfig::sd35_medium(), 128, 154, "sd35-medium-1024"),
+        // Issue 3's "mid": depth 8, hidden 512, SD3 context/pooled widths, 64×64 latent
+        // (1024 image tokens) + 154 context tokens, batch 1.
         "mid" => (
             MmditConfig {
-                depth: 12,
-                hidden: 768,
-                num_heads: 12,
-                mlp_hidden: 3072,
-                attn2_blocks: vec![false; 12],
+                depth: 8,
+                hidden: 512,
+                num_heads: 8,
+                mlp_hidden: 2048,
+                attn2_blocks: vec![false; 8],
                 ..MmditConfig::sd3_medium()
             },
             64,
@@ -88,7 +90,7 @@ fn bench_config(name: &str) -> Result<BenchConfig, Error> {
     Ok(BenchConfig {
         name,
         model,
-        batch: 2,
+        batch: if name == "mid" { 1 } else { 2 },
         latent,
         ctx,
     })
@@ -134,7 +136,7 @@ fn fmt_row(name: &str, ms: f64, metric: &str) -> String {
 pub fn run(args: Args) -> CliResult {
     let cfg_name = args.config.clone().unwrap_or_else(|| match args.device {
         Device::Cuda => "sd3-medium-1024".into(),
-        Device::Cpu => "tiny".into(),
+        Device::Cpu => "mid".into(),
     });
     let bc = bench_config(&cfg_name)?;
     let out = match args.device {
@@ -172,14 +174,90 @@ fn bench_cpu(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error:
     println!(
         "{}",
         fmt_row(
-            "MMDiT step (CFG batch 2)",
+            &format!("dpir MMDiT forward (f32, batch {})", bc.batch),
             ms,
             &format!("{:.1} GFLOP/s", (g + a) / ms / 1e6)
         )
     );
-    Ok(
-        json!({"device": "cpu", "config": bc.name, "weights": "random", "step_ms": ms, "step_gflop": (g + a) / 1e9}),
-    )
+    let candle = candle_baseline(bc);
+    if let Some(c_ms) = candle
+        .as_ref()
+        .and_then(|c| c["median_s"].as_f64())
+        .map(|s| s * 1e3)
+    {
+        println!(
+            "{}",
+            fmt_row(
+                "candle 0.11.1 MMDiT forward (F16)",
+                c_ms,
+                &format!("{:.1} GFLOP/s", (g + a) / c_ms / 1e6)
+            )
+        );
+        println!("  speed-up over candle: {:.2}x", c_ms / ms);
+    }
+    Ok(json!({
+        "device": "cpu", "config": bc.name, "weights": "random", "step_ms": ms,
+        "step_gflop": (g + a) / 1e9, "candle": candle,
+    }))
+}
+
+/// Runs candle's MMDiT on the same shapes through the `candle_mmdit` baseline binary
+/// (built by `cargo build --release -p dpir-benches`; candle is never linked into `dpir`),
+/// looked up next to this executable. Returns its JSON report, or None (with a note) when
+/// the binary is absent or the config is not one candle's MMDiT can express.
+fn candle_baseline(bc: &BenchConfig) -> Option<Value> {
+    let m = &bc.model;
+    if m.qk_norm || m.attn2_blocks.iter().any(|&a| a) || m.num_heads != m.depth {
+        println!(
+            "  candle baseline: skipped (config {} is not a plain SD3 MMDiT)",
+            bc.name
+        );
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?.with_file_name("candle_mmdit");
+    if !exe.is_file() {
+        println!(
+            "  candle baseline: {} not found (cargo build --release -p dpir-benches)",
+            exe.display()
+        );
+        return None;
+    }
+    let args = [
+        ("--depth", m.depth),
+        ("--head-dim", m.head_dim()),
+        ("--context-dim", m.context_dim),
+        ("--pooled-dim", m.pooled_dim),
+        ("--latent", bc.latent),
+        ("--context-len", bc.ctx),
+        ("--batch", bc.batch),
+        ("--runs", 3),
+    ];
+    let mut cmd = std::process::Command::new(&exe);
+    for (k, v) in args {
+        cmd.arg(k).arg(v.to_string());
+    }
+    match cmd.output() {
+        Ok(o) if o.status.success() => {
+            serde_json::from_slice(o.stdout.trim_ascii())
+                .ok()
+                .or_else(|| {
+                    println!("  candle baseline: unreadable output");
+                    None
+                })
+        }
+        Ok(o) => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            println!(
+                "  candle baseline failed: {}",
+                err.lines().next().unwrap_or("")
+            );
+            None
+        }
+        Err(e) => {
+            println!("  candle baseline: cannot run {}: {e}", exe.display());
+            None
+        }
+    }
 }
 
 fn random_weights(m: &MmditConfig, seed: u64) -> HashMap<String, Tensor> {

@@ -5,6 +5,7 @@
 mod bench;
 mod degrade;
 mod inspect;
+mod metrics;
 mod restore;
 
 use std::process::ExitCode;
@@ -14,7 +15,11 @@ use clap::{Parser, Subcommand};
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
-#[command(name = "dpir", version, about = "DPIR image restoration on one GPU or the CPU")]
+#[command(
+    name = "dpir",
+    version,
+    about = "DPIR image restoration on one GPU or the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -32,6 +37,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Per-kernel breakdown of one sampling step.
     Profile(bench::ProfileArgs),
+    /// PSNR and SSIM (Y channel) of images against a reference.
+    Compare(metrics::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +48,10 @@ fn main() -> ExitCode {
             if e.use_stderr() {
                 // clap's rendering spans several lines; keep the one that names the problem.
                 let text = e.render().to_string();
-                let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("error");
+                let line = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("error");
                 eprintln!("{}", line.trim_end());
                 return ExitCode::from(2);
             }
@@ -55,6 +65,7 @@ fn main() -> ExitCode {
         Cmd::Degrade(a) => degrade::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Profile(a) => bench::profile(a),
+        Cmd::Compare(a) => metrics::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -274,7 +274,13 @@ fn norm_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rng)
 
 fn act_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rng) {
     for &n in &[1usize, 1000, 8192 * 6144 / 64] {
-        let x = bf16_round(&rng.vec(n, 6.0));
+        // A single random value can land where GELU is ~1e-6 (x < -4.5): f32 tanh saturates
+        // there and the relative error is meaningless, so n = 1 uses a mid-range value.
+        let x = if n == 1 {
+            vec![0.75]
+        } else {
+            bf16_round(&rng.vec(n, 6.0))
+        };
         rep.case(&format!("gelu_tanh n={n}"), || -> R {
             let mut m = Mem::new(dev);
             let xd = m.bf16(&x)?;

@@ -443,6 +443,8 @@ mod tests {
     }
 
     /// Direct convolution, the definition, in f64.
+    // Index loops mirror the textbook formula on purpose.
+    #[allow(clippy::needless_range_loop)]
     fn naive(x: &Tensor, w: &Tensor, b: &[f32], s: usize, p: Padding) -> Tensor {
         let [bn, c, h, wd] = dims4(x).unwrap();
         let (o, kh, kw) = (w.shape[0], w.shape[2], w.shape[3]);
@@ -477,9 +479,12 @@ mod tests {
         y
     }
 
+    /// (b, c, o, h, w, k, stride, pad)
+    type Case = (usize, usize, usize, usize, usize, usize, usize, Padding);
+
     #[test]
     fn conv2d_matches_direct_convolution() {
-        let cases: &[(usize, usize, usize, usize, usize, usize, usize, Padding)] = &[
+        let cases: &[Case] = &[
             // (b, c, o, h, w, k, stride, pad)
             (2, 3, 5, 9, 7, 3, 1, Padding::same(1)),
             (
