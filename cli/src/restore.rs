@@ -72,7 +72,8 @@ pub struct Args {
     #[arg(long, default_value = "4.0", value_parser = parse_cfg)]
     cfg: f32,
     /// Start noise level in (0, 1]: 1 starts from pure noise, lower keeps more of the input.
-    #[arg(long, default_value = "1.0", value_parser = parse_strength)]
+    /// Default measured best for the bundled model (docs/RESULTS.md).
+    #[arg(long, default_value = "0.2", value_parser = parse_strength)]
     strength: f32,
     /// Noise seed.
     #[arg(long, default_value = "0")]
