@@ -3,7 +3,7 @@
 #   dist/bin/dpir                 the CLI (release, stripped)
 #   dist/bin/cuda_kernels         kernel-vs-CPU-reference tests
 #   dist/bin/cuda_mmdit           CUDA MMDiT vs CPU MMDiT + zero-allocation loop test
-# (dist/bin/attention_check is built separately by scripts/build-attention-check.sh.)
+# (dist/bin/attention_check and dist/bin/vae_check are built separately by scripts/build-dev-checks.sh.)
 # Then copy dist/ (and .whl/ for the PyTorch baseline) to the GPU machine and run
 # scripts/device-check.sh OUTDIR there.
 set -euo pipefail

@@ -47,7 +47,7 @@
 //   128 MMAs per warp per tile, so it is left as is); sm_80: 127/128 registers, no spills.
 //
 // Check and benchmark
-//   scripts/build-attention-check.sh   (builds dist/bin/attention_check on a machine without GPU)
+//   scripts/build-dev-checks.sh attention   (builds dist/bin/attention_check on a machine without GPU)
 //   dist/bin/attention_check           (on the GPU machine: validation vs a CPU f32 reference at
 //                                       every supported shape, then timing with L2 flushed;
 //                                       --quick: validation shapes only)

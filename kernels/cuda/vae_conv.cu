@@ -61,7 +61,7 @@
 // Later: wgmma/TMA version for sm_90a, 4-stage pipeline (needs the > 48 KiB smem opt-in),
 //   smaller N tile for Cout <= 64, staged 16-byte epilogue stores.
 //
-// Check and benchmark: scripts/build-vae-check.sh -> dist/bin/vae_check (GPU machine).
+// Check and benchmark: scripts/build-dev-checks.sh vae -> dist/bin/vae_check (GPU machine).
 
 // Only cuda_bf16.h is included, so that the file also compiles under NVRTC (no system headers).
 #include <cuda_bf16.h>

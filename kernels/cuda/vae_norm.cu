@@ -41,7 +41,7 @@
 // nchw_f32_to_nhwc_bf16(in, out, N, C, HW), nhwc_bf16_to_nchw_f32(in, out, N, C, HW):
 //   one thread per element, grid ceil(N*C*HW / 256), block 256.
 //
-// Check and benchmark: scripts/build-vae-check.sh -> dist/bin/vae_check (GPU machine).
+// Check and benchmark: scripts/build-dev-checks.sh vae -> dist/bin/vae_check (GPU machine).
 
 // Only cuda_bf16.h is included, so that the file also compiles under NVRTC (no system headers).
 #include <cuda_bf16.h>

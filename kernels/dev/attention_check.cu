@@ -19,7 +19,7 @@
 //   One line per case: "PASS|FAIL <kernel> B=.. La=.. Lb=.. H=.. err=..". The exit code is
 //   non-zero when any case fails. `--quick` runs the validation shapes only.
 //
-// Build (no GPU needed):  scripts/build-attention-check.sh   -> dist/bin/attention_check
+// Build (no GPU needed):  scripts/build-dev-checks.sh attention -> dist/bin/attention_check
 // Run (GPU machine):      dist/bin/attention_check            (about 10-30 s, mostly the CPU
 //                                                             reference on all host cores)
 

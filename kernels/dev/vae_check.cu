@@ -21,7 +21,7 @@
 //   One line per case: "PASS|FAIL <kernel> <shape> err=..". Exit code non-zero when any case
 //   fails. `--quick`: validation shapes only, no timing.
 //
-// Build (no GPU needed):  scripts/build-vae-check.sh   -> dist/bin/vae_check
+// Build (no GPU needed):  scripts/build-dev-checks.sh vae -> dist/bin/vae_check
 // Run (GPU machine):      dist/bin/vae_check            (about 10-30 s)
 
 #include "../cuda/vae_conv.cu"
