@@ -15,60 +15,12 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 
 /// `c[m, n] = a[m, k] · b[k, n]` (+ `c` when `accumulate`). All row-major, contiguous.
 pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the asserts above bound every index the strides below can reach.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        )
-    }
+    gemm_f32(a, b, c, m, k, n, false, accumulate, parallelism(m, n, k));
 }
 
 /// `c[m, n] = a[m, k] · b[n, k]ᵀ`. Row-major, contiguous.
 pub fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: as above; bᵀ is read with row stride 1 and column stride k.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        )
-    }
+    gemm_f32(a, b, c, m, k, n, true, false, parallelism(m, n, k));
 }
 
 /// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`.
@@ -105,59 +57,43 @@ pub fn linear_into(
         }
         None => y[..m * n].fill(0.0),
     }
-    gemm_bt(x, w, y, m, k, n, true, parallelism(m, n, k));
+    gemm_f32(x, w, y, m, k, n, true, true, parallelism(m, n, k));
 }
 
-/// `c[m, n] (+)= a[m, k] · b[n, k]ᵀ` on the calling thread only (for callers that
+/// `c[m, n] = a[m, k] · b[n, k]ᵀ` on the calling thread only (for callers that
 /// already run one task per core).
 pub fn matmul_bt_serial(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    gemm_bt(a, b, c, m, k, n, false, Parallelism::None);
+    gemm_f32(a, b, c, m, k, n, true, false, Parallelism::None);
 }
 
 /// `c[m, n] = a[m, k] · b[k, n]` on the calling thread only.
 pub fn matmul_serial(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the assert above bounds every index the strides below can reach.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
+    gemm_f32(a, b, c, m, k, n, false, false, Parallelism::None);
 }
 
+/// The one call into the `gemm` crate: `c[m, n] (+)= a[m, k] · B`, where B is `b[k, n]`
+/// or, when `b_transposed`, `b[n, k]ᵀ`. All row-major, contiguous.
 #[allow(clippy::too_many_arguments)]
-fn gemm_bt(
+fn gemm_f32(
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
     m: usize,
     k: usize,
     n: usize,
+    b_transposed: bool,
     accumulate: bool,
     par: Parallelism,
 ) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: the assert above bounds every index; bᵀ is read with row stride 1 and
-    // column stride k.
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    // B's (column, row) strides: b[k, n] is read along rows, b[n, k]ᵀ along columns.
+    let (b_cs, b_rs) = if b_transposed {
+        (k as isize, 1)
+    } else {
+        (1, n as isize)
+    };
+    // SAFETY: the assert above bounds every index the strides can reach (both layouts of B
+    // hold k·n elements).
     unsafe {
         gemm(
             m,
@@ -171,8 +107,8 @@ fn gemm_bt(
             1,
             k as isize,
             b.as_ptr(),
-            k as isize,
-            1,
+            b_cs,
+            b_rs,
             if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
