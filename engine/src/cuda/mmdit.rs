@@ -275,26 +275,12 @@ impl CudaMmdit {
         source: &mut dyn FnMut(&WeightSpec) -> Result<Vec<f32>>,
     ) -> Result<Self> {
         let d = cfg.hidden;
-        if cfg.depth == 0
-            || cfg.num_heads == 0
-            || d % cfg.num_heads != 0
-            || cfg.patch_size == 0
-            || d % 8 != 0
-        {
+        crate::models::mmdit::check_config(cfg)?;
+        // 16-byte (8 × bf16) row accesses in the kernels.
+        if d % 8 != 0 {
             return Err(Error::Model(format!(
-                "CUDA MMDiT: unsupported config (depth {}, hidden {d}, heads {})",
-                cfg.depth, cfg.num_heads
+                "CUDA MMDiT: unsupported config (hidden {d} is not a multiple of 8)"
             )));
-        }
-        if cfg
-            .attn2_blocks
-            .get(cfg.depth - 1)
-            .copied()
-            .unwrap_or(false)
-        {
-            return Err(Error::Model(
-                "MMDiT: the last joint block cannot have attn2".into(),
-            ));
         }
         let total: usize = specs
             .iter()

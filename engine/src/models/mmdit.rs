@@ -205,26 +205,33 @@ struct Work {
     attn2: Vec<f32>,
 }
 
+/// The structural checks every MMDiT backend needs before sizing anything from `cfg`.
+pub(crate) fn check_config(cfg: &MmditConfig) -> Result<()> {
+    let (d, p) = (cfg.hidden, cfg.patch_size);
+    if cfg.depth == 0 || cfg.num_heads == 0 || !d.is_multiple_of(cfg.num_heads) || p == 0 {
+        return Err(Error::Model(format!(
+            "invalid MMDiT config: depth {}, hidden {d}, heads {}, patch {p}",
+            cfg.depth, cfg.num_heads
+        )));
+    }
+    if cfg
+        .attn2_blocks
+        .get(cfg.depth - 1)
+        .copied()
+        .unwrap_or(false)
+    {
+        return Err(Error::Model(
+            "MMDiT: the last joint block cannot have attn2".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Mmdit {
     pub fn load(cfg: &MmditConfig, w: &dyn WeightSource) -> Result<Self> {
+        check_config(cfg)?;
         let d = cfg.hidden;
         let p = cfg.patch_size;
-        if cfg.depth == 0 || cfg.num_heads == 0 || !d.is_multiple_of(cfg.num_heads) || p == 0 {
-            return Err(Error::Model(format!(
-                "invalid MMDiT config: depth {}, hidden {d}, heads {}, patch {p}",
-                cfg.depth, cfg.num_heads
-            )));
-        }
-        if cfg
-            .attn2_blocks
-            .get(cfg.depth - 1)
-            .copied()
-            .unwrap_or(false)
-        {
-            return Err(Error::Model(
-                "MMDiT: the last joint block cannot have attn2".into(),
-            ));
-        }
         let pe = w.tensor_shaped("x_embedder.proj.weight", &[d, cfg.in_channels, p, p])?;
         let pb = w.tensor_shaped("x_embedder.proj.bias", &[d])?;
         let x_embedder = Linear {
