@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use dpir_engine::pipeline::rng::Rng;
+use dpir_engine::weights::seeded_random_weights;
 use dpir_loader::{
     clip_vision_spec, dpir_spec, mmdit_spec, robust_encoder_file_spec, vae_spec,
     write_f32_safetensors, ClipVisionConfig, DType, DpirConfig, MmditConfig, Spec, VaeConfig,
@@ -29,28 +29,9 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn random(spec: Spec, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut rng = Rng::new(seed);
-    spec.into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let g = rng.normal_vec(n);
-            let norm_like = ["norm", "ln_", "layernorm", "layer_norm"]
-                .iter()
-                .any(|k| name.contains(k));
-            let data: Vec<f32> = if name.ends_with("bias") {
-                g.iter().map(|v| 0.02 * v).collect()
-            } else if name == "lq_align.gate" {
-                g.iter().map(|v| 0.5 * v).collect()
-            } else if shape.len() == 1 && norm_like {
-                g.iter().map(|v| 1.0 + 0.1 * v).collect()
-            } else if shape.len() == 1 || name.contains("embed") {
-                g.iter().map(|v| 0.1 * v).collect()
-            } else {
-                let fan_in: usize = shape[1..].iter().product();
-                g.iter().map(|v| v / (fan_in as f32).sqrt()).collect()
-            };
-            (name, shape, data)
-        })
+    seeded_random_weights(spec, seed)
+        .into_iter()
+        .map(|(name, t)| (name, t.shape, t.data))
         .collect()
 }
 

@@ -82,3 +82,33 @@ impl WeightSource for dpir_loader::Component {
             .ok_or_else(|| Error::MissingTensor(name.to_string()))
     }
 }
+
+/// Seeded random weights for a `(name, shape)` spec (the loader's `*_spec` functions), at the
+/// scales a trained model has: biases ~0.02, norm weights ~1, other vectors and embeddings
+/// ~0.1, matrices and convolutions ~1/√fan_in, `lq_align.gate` ~0.5 (so the LQ branch is
+/// live). For tests and benches of whole models where real checkpoints are absent.
+pub fn seeded_random_weights(spec: Vec<(String, Vec<usize>)>, seed: u64) -> Vec<(String, Tensor)> {
+    let mut rng = crate::pipeline::rng::Rng::new(seed);
+    spec.into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let g = rng.normal_vec(n);
+            let norm_like = ["norm", "ln_", "layernorm", "layer_norm"]
+                .iter()
+                .any(|k| name.contains(k));
+            let data: Vec<f32> = if name.ends_with("bias") {
+                g.iter().map(|v| 0.02 * v).collect()
+            } else if name == "lq_align.gate" {
+                g.iter().map(|v| 0.5 * v).collect()
+            } else if shape.len() == 1 && norm_like {
+                g.iter().map(|v| 1.0 + 0.1 * v).collect()
+            } else if shape.len() == 1 || name.contains("embed") {
+                g.iter().map(|v| 0.1 * v).collect()
+            } else {
+                let fan_in: usize = shape[1..].iter().product();
+                g.iter().map(|v| v / (fan_in as f32).sqrt()).collect()
+            };
+            (name, Tensor { shape, data })
+        })
+        .collect()
+}

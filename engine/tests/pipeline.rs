@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use dpir_engine::pipeline::cpu::{Configs, CpuRestorer};
 use dpir_engine::pipeline::rng::Rng;
 use dpir_engine::pipeline::{self, ColorFix, Denoiser, ModelDims, RestoreParams, Restorer};
+use dpir_engine::weights::seeded_random_weights;
 use dpir_engine::{Result, Tensor};
 use dpir_loader::{
     clip_vision_spec, dpir_spec, mmdit_spec, vae_encoder_spec, vae_spec, ClipVisionConfig,
@@ -119,30 +120,7 @@ fn configs(vae_top: usize) -> Configs {
 
 /// Seeded weights with sensible scales: norms near 1, linear/conv weights ~ 1/√fan_in.
 fn random(spec: Spec, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = Rng::new(seed);
-    spec.into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let g = rng.normal_vec(n);
-            let norm_like = ["norm", "ln_", "layernorm", "layer_norm"]
-                .iter()
-                .any(|k| name.contains(k));
-            let data: Vec<f32> = if name.ends_with("bias") {
-                g.iter().map(|v| 0.02 * v).collect()
-            } else if name == "lq_align.gate" {
-                g.iter().map(|v| 0.5 * v).collect()
-            } else if shape.len() == 1 && norm_like {
-                g.iter().map(|v| 1.0 + 0.1 * v).collect()
-            } else if shape.len() == 1 || name.contains("embed") {
-                g.iter().map(|v| 0.1 * v).collect()
-            } else {
-                let fan_in: usize = shape[1..].iter().product();
-                let s = 1.0 / (fan_in as f32).sqrt();
-                g.iter().map(|v| s * v).collect()
-            };
-            (name, Tensor { shape, data })
-        })
-        .collect()
+    seeded_random_weights(spec, seed).into_iter().collect()
 }
 
 struct Weights {
