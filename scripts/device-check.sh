@@ -3,15 +3,19 @@
 # binaries prebuilt by scripts/build-device-bundle.sh (dist/bin/), the standalone attention
 # check if present (dist/bin/attention_check), the benches, and the PyTorch baseline (diffusers
 # carried as wheels in .whl/). Every stage runs under a timeout; the whole run stays under
-# 8 minutes. Writes into OUTDIR (at most 8 files, no subfolders):
-#   tests.log  bench.log  bench.json  bench_sd35.json  torch.log  torch.json  summary.json  summary.md
-# and prints a short table last.
+# 8 minutes. Writes into OUTDIR (five files, no subfolders):
+#   tests.log  bench.log  torch.log  summary.json  summary.md
+# summary.json holds every stage's JSON (benches, profile, restore, baselines);
+# scripts/benchmarks-md.py turns it into the GPU section of docs/BENCHMARKS.md.
+# Prints a short table last.
 #
 #   scripts/device-check.sh OUTDIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/device-check.sh OUTDIR}"
 mkdir -p "$OUT"
+J=$(mktemp -d)            # per-stage JSON, folded into summary.json at the end
+trap 'rm -rf "$J"' EXIT
 START=$(date +%s)
 BUDGET=${DPIR_CHECK_BUDGET:-450}   # seconds for all stages (the table takes a few more)
 
@@ -57,9 +61,12 @@ export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [[ -x dist/bin/cuda_kernels ]]; then
   stage kernels 150 "$OUT/tests.log" dist/bin/cuda_kernels --nocapture --test-threads=1
 else echo "== kernels: missing dist/bin/cuda_kernels" | tee -a "$OUT/tests.log"; RC[kernels]=missing; fi
-if [[ -x dist/bin/cuda_mmdit ]]; then
-  stage mmdit 100 "$OUT/tests.log" dist/bin/cuda_mmdit --nocapture --test-threads=1
-else echo "== mmdit: missing dist/bin/cuda_mmdit" | tee -a "$OUT/tests.log"; RC[mmdit]=missing; fi
+for t in mmdit:100 vae:60 restore:90; do
+  name=${t%%:*}; limit=${t##*:}
+  if [[ -x dist/bin/cuda_$name ]]; then
+    stage "$name" "$limit" "$OUT/tests.log" dist/bin/cuda_$name --nocapture --test-threads=1
+  else echo "== $name: missing dist/bin/cuda_$name" | tee -a "$OUT/tests.log"; RC[$name]=missing; fi
+done
 # Standalone kernel checks built by other scripts (attention_check, vae_check, ...).
 found_check=0
 for chk in dist/bin/*_check; do
@@ -71,28 +78,29 @@ done
 
 : > "$OUT/bench.log"
 if [[ -x dist/bin/dpir ]]; then
-  stage bench_sd3 120 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd3-medium-1024 --json "$OUT/bench.json"
+  stage bench_sd3 120 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd3-medium-1024 --json "$J/bench.json"
 else echo "== bench: missing dist/bin/dpir" | tee -a "$OUT/bench.log"; RC[bench_sd3]=missing; fi
 
 : > "$OUT/torch.log"
 site=/tmp/dpir-site
 if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl >> "$OUT/torch.log" 2>&1; then
   stage torch 120 "$OUT/torch.log" env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
-    python3 scripts/baselines/torch_sd3_step.py --config sd3-medium-1024 --json "$OUT/torch.json"
+    python3 scripts/baselines/torch_sd3_step.py --config sd3-medium-1024 --json "$J/torch.json"
 else
   echo "skipped: diffusers wheels missing or not installable (.whl/)" | tee -a "$OUT/torch.log"; RC[torch]=skip
 fi
 
 if [[ -x dist/bin/dpir ]]; then
-  stage bench_sd35 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd35-medium-1024 --reps 5 --json "$OUT/bench_sd35.json"
-  stage profile_sd3 60 "$OUT/bench.log" dist/bin/dpir profile --config sd3-medium-1024
+  stage bench_sd35 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd35-medium-1024 --reps 5 --json "$J/bench_sd35.json"
+  stage profile_sd3 60 "$OUT/bench.log" dist/bin/dpir profile --config sd3-medium-1024 --json "$J/profile.json"
+  stage restore_gpu 60 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-tiny-512 --reps 3 --model models/dpir-tiny --json "$J/restore_gpu.json"
 fi
 
 rcs=""
 for k in "${!RC[@]}"; do rcs+="$k=${RC[$k]} "; done
-timeout 30 python3 - "$OUT" "$rcs" "$(( $(date +%s) - START ))" <<'PY'
+timeout 30 python3 - "$OUT" "$rcs" "$(( $(date +%s) - START ))" "$J" <<'PY'
 import json, os, re, sys
-out, rcs, elapsed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, rcs, elapsed, jdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 def read(p):
     try:
         return open(os.path.join(out, p), errors="replace").read()
@@ -100,7 +108,7 @@ def read(p):
         return ""
 def load(p):
     try:
-        return json.load(open(os.path.join(out, p)))
+        return json.load(open(os.path.join(jdir, p)))
     except (OSError, ValueError):
         return None
 tests = read("tests.log")
@@ -108,10 +116,12 @@ passes = re.findall(r"^PASS (.*)$", tests, re.M)
 fails = re.findall(r"^FAIL (.*)$", tests, re.M)
 skips = re.findall(r"skipped: .*", tests)
 bench, b35, torch = load("bench.json"), load("bench_sd35.json"), load("torch.json")
+profile, restore_gpu, candle = load("profile.json"), load("restore_gpu.json"), load("candle_cuda.json")
 head = tests.splitlines()[:4]
 summary = {"header": head, "stage_rc": dict(kv.split("=", 1) for kv in rcs.split()), "elapsed_s": elapsed,
            "tests": {"pass": len(passes), "fail": len(fails), "failed": fails, "skipped": skips},
-           "bench_sd3": bench, "bench_sd35": b35, "torch": torch}
+           "bench_sd3": bench, "bench_sd35": b35, "torch": torch, "profile_sd3": profile,
+           "restore_gpu": restore_gpu, "candle_cuda": candle}
 if bench and torch and bench.get("step_ms") and torch.get("eager_step_ms"):
     summary["speedup_vs_torch_eager"] = torch["eager_step_ms"] / bench["step_ms"]
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
@@ -135,6 +145,10 @@ if b35:
     rows.append(("SD3.5-medium step (ours)", f"{b35['step_ms']:.2f} ms"))
 if torch:
     rows.append(("SD3-medium step (PyTorch eager)", f"{torch['eager_step_ms']:.2f} ms, SDPA {torch.get('sdpa_ms', 0):.3f} ms ({torch.get('sdpa_tflops', 0):.0f} TFLOP/s)"))
+if candle and candle.get("step_ms"):
+    rows.append(("SD3-medium step (candle CUDA)", f"{candle['step_ms']:.2f} ms ({candle.get('dtype', '?')})"))
+if restore_gpu:
+    rows.append(("dpir-tiny restore 128->512 (GPU)", f"{restore_gpu['total_ms']:.1f} ms per image"))
 if "speedup_vs_torch_eager" in summary:
     rows.append(("speedup vs PyTorch eager", f"{summary['speedup_vs_torch_eager']:.2f}x"))
 md = ["# dpir device check", "", *[f"    {h}" for h in head], "", "| item | value |", "|---|---|"]

@@ -30,10 +30,14 @@ pub struct Args {
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     device: Device,
-    /// Configuration: sd3-medium-1024, sd35-medium-1024, mid, tiny (default: sd3-medium-1024
-    /// on cuda, tiny on cpu).
+    /// Configuration: sd3-medium-1024, sd35-medium-1024, mid, tiny (one MMDiT forward or
+    /// sampling step, random weights), or dpir-tiny-512, dpir-tiny-1024 (a full ×4 restore
+    /// of a bundled example with the model; default: sd3-medium-1024 on cuda, mid on cpu).
     #[arg(long)]
     config: Option<String>,
+    /// Model for the restore configurations (default: as `dpir restore`).
+    #[arg(long, value_name = "PATH")]
+    model: Vec<std::path::PathBuf>,
     /// Timed repetitions per measurement.
     #[arg(long, default_value_t = 10)]
     reps: usize,
@@ -138,13 +142,34 @@ pub fn run(args: Args) -> CliResult {
         Device::Cuda => "sd3-medium-1024".into(),
         Device::Cpu => "mid".into(),
     });
+    if crate::bench_restore::input_side(&cfg_name).is_some() {
+        use crate::restore::{choose_target, load_backend, DTypeArg, Device as RDevice};
+        let device = match args.device {
+            Device::Cuda => RDevice::Cuda,
+            Device::Cpu => RDevice::Cpu,
+        };
+        let target = choose_target(device, DTypeArg::Auto)?;
+        let paths = crate::restore::model_paths(&args.model)?;
+        let mut backend = load_backend(target, &paths)?;
+        let name = match args.device {
+            Device::Cuda => "cuda",
+            Device::Cpu => "cpu",
+        };
+        let out =
+            crate::bench_restore::bench(backend.restorer(), name, &cfg_name, args.reps.max(1))?;
+        return write_json(&args, &out);
+    }
     let bc = bench_config(&cfg_name)?;
     let out = match args.device {
         Device::Cuda => bench_cuda(&bc, args.reps.max(1))?,
         Device::Cpu => bench_cpu(&bc, args.reps.max(1))?,
     };
+    write_json(&args, &out)
+}
+
+fn write_json(args: &Args, out: &Value) -> CliResult {
     if let Some(p) = &args.json {
-        std::fs::write(p, serde_json::to_string_pretty(&out)?)
+        std::fs::write(p, serde_json::to_string_pretty(out)?)
             .map_err(|e| format!("{}: {e}", p.display()))?;
         println!("wrote {}", p.display());
     }

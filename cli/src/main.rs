@@ -3,6 +3,7 @@
 //! Every failure prints one line (`error: …`) and exits non-zero; nothing panics on user input.
 
 mod bench;
+mod bench_restore;
 mod degrade;
 mod inspect;
 mod metrics;

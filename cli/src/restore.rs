@@ -9,10 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use dpir_engine::cuda::{self, CudaDevice, CudaRestorer};
 use dpir_engine::image_io::{self, Image, DEFAULT_MAX_PIXELS};
-use dpir_engine::pipeline::cpu::CpuRestorer;
+use dpir_engine::pipeline::cpu::{CpuParts, CpuRestorer};
 use dpir_engine::pipeline::{self, ColorFix, RestoreParams, Restorer};
-use dpir_engine::Tensor;
+use dpir_engine::{Error, Tensor};
 
 use crate::CliResult;
 
@@ -84,10 +87,14 @@ pub struct Args {
     /// Diffusion tile side in output pixels (multiple of 16); default: the largest the model takes.
     #[arg(long, value_parser = parse_tile)]
     tile: Option<usize>,
-    /// Compute device.
+    /// VAE tile side in output pixels (multiple of 16); default 512.
+    #[arg(long, value_parser = parse_tile)]
+    vae_tile: Option<usize>,
+    /// Compute device: `auto` takes the GPU when a CUDA driver and cuBLASLt are present.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
-    /// Compute precision (the CPU backend computes in f32).
+    /// Compute precision: the CPU backend computes in f32, the CUDA backend in bf16
+    /// (f32 accumulation); `auto` picks the device's.
     #[arg(long, value_enum, default_value = "auto")]
     dtype: DTypeArg,
     /// Process only shard i of n (1-based) of the sorted input list: items k with k mod n = i − 1.
@@ -274,9 +281,10 @@ fn collect(args: &Args) -> Result<Vec<Item>, String> {
 
 /// The model paths: `--model`, else `DPIR_MODEL`, else `models/dpir-tiny` in a folder
 /// above the executable (never the working directory).
-fn model_paths(args: &Args) -> Result<Vec<PathBuf>, String> {
-    let paths = if !args.model.is_empty() {
-        args.model.clone()
+/// `--model` paths, else `DPIR_MODEL`, else the bundled model next to the executable.
+pub(crate) fn model_paths(explicit: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let paths = if !explicit.is_empty() {
+        explicit.to_vec()
     } else if let Some(env) = std::env::var_os("DPIR_MODEL").filter(|v| !v.is_empty()) {
         vec![PathBuf::from(env)]
     } else {
@@ -345,16 +353,156 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Where the model runs.
+pub(crate) enum Backend {
+    Cpu(Box<CpuRestorer>),
+    Cuda(Box<CudaRestorer>),
+}
+
+impl Backend {
+    pub(crate) fn restorer(&mut self) -> &mut dyn Restorer {
+        match self {
+            Backend::Cpu(m) => m.as_mut(),
+            Backend::Cuda(m) => m.as_mut(),
+        }
+    }
+    fn parts(&self) -> &CpuParts {
+        match self {
+            Backend::Cpu(m) => &m.parts,
+            Backend::Cuda(m) => &m.parts,
+        }
+    }
+}
+
+/// The device a run will use, decided before any image is read.
+pub(crate) enum Target {
+    Cpu,
+    Cuda(Arc<CudaDevice>),
+}
+
+/// `--device` and `--dtype` → the target, or a one-line reason why not.
+pub(crate) fn choose_target(device: Device, dtype: DTypeArg) -> Result<Target, String> {
+    let open_cuda = || -> Result<Arc<CudaDevice>, String> {
+        if !cuda::driver_present() {
+            return Err(Error::NoCuda.to_string());
+        }
+        if !cuda::cublaslt_present() {
+            return Err("CUDA driver found but not cuBLASLt (libcublasLt): add its folder to LD_LIBRARY_PATH".into());
+        }
+        CudaDevice::new(0).map(Arc::new).map_err(|e| e.to_string())
+    };
+    let target = match device {
+        Device::Cpu => Target::Cpu,
+        Device::Cuda => Target::Cuda(open_cuda().map_err(|e| format!("--device cuda: {e}"))?),
+        Device::Auto => match dtype {
+            // f32 is the CPU's precision: `--dtype f32` alone means the CPU.
+            DTypeArg::F32 => Target::Cpu,
+            _ => match open_cuda() {
+                Ok(d) => Target::Cuda(d),
+                Err(_) if dtype == DTypeArg::Auto => Target::Cpu,
+                Err(e) => {
+                    return Err(format!(
+                        "--dtype {}: needs the CUDA backend: {e}",
+                        dtype_name(dtype)
+                    ))
+                }
+            },
+        },
+    };
+    match (&target, dtype) {
+        (Target::Cpu, DTypeArg::F16 | DTypeArg::Bf16) => Err(format!(
+            "--dtype {}: the CPU backend computes in f32 only (use --dtype f32 or auto)",
+            dtype_name(dtype)
+        )),
+        (Target::Cuda(_), DTypeArg::F32 | DTypeArg::F16) => Err(format!(
+            "--dtype {}: the CUDA backend computes in bf16 (use --dtype bf16 or auto)",
+            dtype_name(dtype)
+        )),
+        _ => Ok(target),
+    }
+}
+
+fn dtype_name(d: DTypeArg) -> &'static str {
+    match d {
+        DTypeArg::Auto => "auto",
+        DTypeArg::F32 => "f32",
+        DTypeArg::F16 => "f16",
+        DTypeArg::Bf16 => "bf16",
+    }
+}
+
+/// Loads the model onto the target; prints the device line.
+pub(crate) fn load_backend(target: Target, model_paths: &[PathBuf]) -> Result<Backend, String> {
+    let loaded = dpir_loader::load(model_paths).map_err(|e| e.to_string())?;
+    let in_model = |e: Error| format!("{}: {e}", model_paths[0].display());
+    Ok(match target {
+        Target::Cuda(dev) => {
+            println!("device: {} (CUDA, bf16)", dev.name);
+            Backend::Cuda(Box::new(
+                CudaRestorer::from_model(dev, &loaded).map_err(in_model)?,
+            ))
+        }
+        Target::Cpu => {
+            println!("device: CPU (f32)");
+            Backend::Cpu(Box::new(CpuRestorer::from_model(loaded).map_err(in_model)?))
+        }
+    })
+}
+
+/// Whether an error is the GPU running out of memory (worth a retry with smaller tiles).
+fn is_oom(e: &Error) -> bool {
+    matches!(e, Error::OutOfMemory(_)) || matches!(e, Error::Cuda(m) if m.contains("OUT_OF_MEMORY"))
+}
+
+/// Smallest diffusion tile (output pixels) an out-of-memory retry goes down to.
+const MIN_RETRY_TILE: usize = 128;
+
+/// [`pipeline::restore`], retrying with half the tile side while the GPU runs out of memory.
+fn restore_with_retry(
+    model: &mut dyn Restorer,
+    lq: &Tensor,
+    params: &RestoreParams,
+    t5: Option<&Tensor>,
+    tag: &str,
+) -> Result<Tensor, String> {
+    let mut p = params.clone();
+    loop {
+        match pipeline::restore(model, lq, &p, t5) {
+            Ok(t) => return Ok(t),
+            Err(e) if is_oom(&e) => {
+                let dims = model.dims();
+                let current = match p.tile {
+                    Some(t) => t,
+                    None => pipeline::plan(&dims, lq.shape[1], lq.shape[2], &p)
+                        .map(|pl| pl.tile_latent * pipeline::VAE_FACTOR)
+                        .map_err(|e| e.to_string())?,
+                };
+                let next = (current / 2) / 16 * 16;
+                if next < MIN_RETRY_TILE {
+                    return Err(format!("{e} (even with {current}-pixel tiles)"));
+                }
+                println!(
+                    "{tag} out of GPU memory with {current}-pixel tiles; retrying with {next}"
+                );
+                p.tile = Some(next);
+                p.vae_tile = Some(p.vae_tile.unwrap_or(pipeline::DEFAULT_VAE_TILE).min(next));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 /// Restore one decoded image and write it to `output` (via a temporary file).
 fn restore_one(
-    model: &mut CpuRestorer,
+    model: &mut dyn Restorer,
     img: Image,
     params: &RestoreParams,
     t5: Option<&Tensor>,
     output: &Path,
     format: image::ImageFormat,
+    tag: &str,
 ) -> Result<(usize, usize), String> {
-    let rgb = pipeline::restore(model, &img.rgb, params, t5).map_err(|e| e.to_string())?;
+    let rgb = restore_with_retry(model, &img.rgb, params, t5, tag)?;
     let (h, w) = (rgb.shape[1], rgb.shape[2]);
     let alpha = img.alpha.as_ref().map(|a| {
         let mut a = image_io::resize_bicubic(a, h, w);
@@ -397,15 +545,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 pub fn run(args: Args) -> CliResult {
-    match args.device {
-        Device::Cuda => return Err("--device cuda: the CUDA backend is not available yet".into()),
-        Device::Auto | Device::Cpu => {}
-    }
-    if matches!(args.dtype, DTypeArg::F16 | DTypeArg::Bf16) {
-        return Err(
-            "--dtype: the CPU backend computes in f32 only (use --dtype f32 or auto)".into(),
-        );
-    }
+    let mut target = Some(choose_target(args.device, args.dtype)?);
     if args.output.exists() && !args.output.is_dir() {
         return Err(format!(
             "{}: output path exists and is not a directory",
@@ -413,7 +553,7 @@ pub fn run(args: Args) -> CliResult {
         )
         .into());
     }
-    let model_paths = model_paths(&args)?;
+    let model_paths = model_paths(&args.model)?;
     let t5 = match &args.text_embeddings {
         Some(p) => Some(load_text_embeddings(p)?),
         None => None,
@@ -436,12 +576,13 @@ pub fn run(args: Args) -> CliResult {
             ColorFixArg::None => ColorFix::None,
         },
         tile: args.tile,
+        vae_tile: args.vae_tile,
         ..RestoreParams::default()
     };
 
     let total = items.len();
     let (mut done, mut skipped, mut failed) = (0usize, 0usize, 0usize);
-    let mut model: Option<CpuRestorer> = None;
+    let mut model: Option<Backend> = None;
     let started = Instant::now();
     for (k, item) in items.iter().enumerate() {
         let tag = format!("[{}/{total}]", k + 1);
@@ -496,11 +637,10 @@ pub fn run(args: Args) -> CliResult {
         let m = match model.as_mut() {
             Some(m) => m,
             None => {
-                let loaded = dpir_loader::load(&model_paths).map_err(|e| e.to_string())?;
-                let m = CpuRestorer::from_model(loaded)
-                    .map_err(|e| format!("{}: {e}", model_paths[0].display()))?;
+                let target = target.take().unwrap_or(Target::Cpu);
+                let mut m = load_backend(target, &model_paths)?;
                 if let Some(t5) = &t5 {
-                    let ctx = m.dims().context_dim;
+                    let ctx = m.restorer().dims().context_dim;
                     if t5.shape[1] != ctx {
                         return Err(format!(
                             "--text-embeddings: tokens have width {}, the model's context is {ctx}",
@@ -510,14 +650,31 @@ pub fn run(args: Args) -> CliResult {
                     }
                 }
                 if args.verbose {
-                    println!("model: weights {:.1} MiB (f32)", mib(m.weight_bytes()));
+                    println!("model: weights {:.1} MiB", mib(m.restorer().weight_bytes()));
                 }
                 model.insert(m)
             }
         };
+        let ctx_len = m.parts().local_prompt_len() + t5.as_ref().map_or(0, |t| t.shape[0]);
+        let m = m.restorer();
+        // Without --tile, the GPU's free memory may cap the tile below the model's largest.
+        let mut params = params.clone();
+        if params.tile.is_none() {
+            let dims = m.dims();
+            if let Some(limit) = m.memory_tile_limit(ctx_len, params.steps) {
+                if limit < dims.max_tile_latent {
+                    params.tile = Some(limit * pipeline::VAE_FACTOR);
+                    if args.verbose {
+                        println!(
+                            "{tag} free GPU memory caps the tile at {} pixels",
+                            limit * pipeline::VAE_FACTOR
+                        );
+                    }
+                }
+            }
+        }
         if args.verbose {
             if let Ok(plan) = pipeline::plan(&m.dims(), img.height, img.width, &params) {
-                let ctx_len = m.local_prompt_len() + t5.as_ref().map_or(0, |t| t.shape[0]);
                 let batch = if params.cfg == 1.0 { 1 } else { 2 };
                 let tile = plan
                     .tiles
@@ -534,7 +691,7 @@ pub fn run(args: Args) -> CliResult {
             }
         }
         let (iw, ih) = (img.width, img.height);
-        match restore_one(m, img, &params, t5.as_ref(), output, format) {
+        match restore_one(m, img, &params, t5.as_ref(), output, format, &tag) {
             Ok((w, h)) => {
                 println!(
                     "{tag} {} -> {} ({iw}×{ih} -> {w}×{h}, {:.1} s)",

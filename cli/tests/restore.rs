@@ -464,11 +464,31 @@ fn bad_shard() {
 
 #[test]
 fn cuda_not_available() {
+    if dpir_engine::cuda::driver_present() {
+        println!("cuda_not_available: skipped: a CUDA driver is present");
+        return;
+    }
     check_bad_invocation(
         "cuda",
         &["--device", "cuda"],
         1,
-        "error: --device cuda: the CUDA backend is not available yet",
+        "error: --device cuda: no CUDA driver found",
+    );
+    check_bad_invocation(
+        "cuda-dtype",
+        &["--dtype", "bf16"],
+        1,
+        "error: --dtype bf16: needs the CUDA backend: no CUDA driver found",
+    );
+}
+
+#[test]
+fn dtype_the_device_cannot_compute() {
+    check_bad_invocation(
+        "dtype-cpu",
+        &["--device", "cpu", "--dtype", "f16"],
+        1,
+        "error: --dtype f16: the CPU backend computes in f32 only (use --dtype f32 or auto)",
     );
 }
 

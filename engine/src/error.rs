@@ -28,6 +28,9 @@ pub enum Error {
     Model(String),
     #[error("cuda: {0}")]
     Cuda(String),
+    /// The GPU could not allocate: a caller may retry with smaller tiles.
+    #[error("out of GPU memory: {0}")]
+    OutOfMemory(String),
     #[error("no CUDA driver found")]
     NoCuda,
 }

@@ -7,6 +7,7 @@
 mod cuda_common;
 
 use cuda_common::*;
+use dpir_engine::cuda::ops::AttnVariant;
 use dpir_engine::cuda::{CudaDevice, Gemm};
 use dpir_engine::Error;
 
@@ -357,6 +358,36 @@ fn act_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rng) 
             }
             Ok((rel_err(&dev.download_bf16(sd)?, &want), BF16_TOL))
         });
+        rep.case(
+            &format!("softmax_rows_f32 (f32 scores -> bf16 p) rows={rows} cols={cols}"),
+            || -> R {
+                let mut m = Mem::new(dev);
+                // f32 scores, not bf16-rounded: the kernel must read them at f32 precision.
+                let s = rng.vec(rows * cols, 20.0);
+                let (sd, pd) = (m.f32(&s)?, m.out_bf16(rows * cols)?);
+                let scale = 0.125;
+                dev.softmax_rows_f32(sd, pd, rows, cols, scale)?;
+                let mut want = Vec::with_capacity(rows * cols);
+                for r in s.chunks(cols) {
+                    let mx = r
+                        .iter()
+                        .fold(f64::MIN, |a, &v| a.max(v as f64 * scale as f64));
+                    let sum: f64 = r
+                        .iter()
+                        .map(|&v| (v as f64 * scale as f64 - mx).exp())
+                        .sum();
+                    want.extend(
+                        r.iter()
+                            .map(|&v| ((v as f64 * scale as f64 - mx).exp() / sum) as f32),
+                    );
+                }
+                // The scores are left untouched (a separate output buffer).
+                if dev.download_f32(sd)? != s {
+                    return Err(Error::Cuda("softmax_rows_f32 modified its input".into()));
+                }
+                Ok((rel_err(&dev.download_bf16(pd)?, &want), BF16_TOL))
+            },
+        );
     }
 }
 
@@ -461,6 +492,64 @@ fn layout_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rn
             let want: Vec<f32> = (0..n).map(|i| v[n + i] + 3.0 * (v[i] - v[n + i])).collect();
             Ok((rel_err(&dev.download_f32(out)?, &want), F32_TOL))
         });
+        rep.case(
+            &format!("cfg_euler_dev (dsigma on device; bit-identical to cfg_euler) n={n}"),
+            || -> R {
+                let mut m = Mem::new(dev);
+                let z = rng.vec(n, 2.0);
+                let v = rng.vec(2 * n, 2.0);
+                let ds = -0.0371f32;
+                let (z1, z2, vd, dd) = (m.f32(&z)?, m.f32(&z)?, m.f32(&v)?, m.f32(&[ds])?);
+                dev.cfg_euler(z1, vd, n, 4.5, ds)?;
+                dev.cfg_euler_dev(z2, vd, n, 4.5, dd)?;
+                let (host_ds, dev_ds) = (dev.download_f32(z1)?, dev.download_f32(z2)?);
+                if host_ds
+                    .iter()
+                    .zip(&dev_ds)
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    return Err(Error::Cuda(
+                        "cfg_euler_dev differs bitwise from cfg_euler".into(),
+                    ));
+                }
+                let want: Vec<f32> = (0..n)
+                    .map(|i| z[i] + ds * (v[n + i] + 4.5 * (v[i] - v[n + i])))
+                    .collect();
+                Ok((rel_err(&dev_ds, &want), F32_TOL))
+            },
+        );
+    }
+    for &(b, steps) in &[(2usize, 4usize), (300, 3), (1, 1)] {
+        rep.case(
+            &format!("schedule_step b={b} steps={steps} ({} calls)", steps + 2),
+            || -> R {
+                let mut m = Mem::new(dev);
+                let ts = rng.vec(steps * b, 1000.0);
+                let dss = rng.vec(steps, 0.1);
+                let (td, dsd) = (m.f32(&ts)?, m.f32(&dss)?);
+                let counter = m.i32(&[0])?;
+                let (t_cur, ds_cur) = (m.out_f32(b)?, m.out_f32(1)?);
+                // Two calls past the end: the slot clamps to the last step.
+                for call in 0..steps + 2 {
+                    dev.schedule_step(td, dsd, counter, t_cur, ds_cur, b, steps)?;
+                    let idx = call.min(steps - 1);
+                    let got_t = dev.download_f32(t_cur)?;
+                    let got_ds = dev.download_f32(ds_cur)?;
+                    let got_c = dev.download_i32(counter)?;
+                    if got_t[..] != ts[idx * b..(idx + 1) * b]
+                        || got_ds[0] != dss[idx]
+                        || got_c[0] != idx as i32 + 1
+                    {
+                        return Err(Error::Cuda(format!(
+                            "call {call}: slot {idx} expected (counter {}), got counter {}",
+                            idx + 1,
+                            got_c[0]
+                        )));
+                    }
+                }
+                Ok((0.0, F32_TOL))
+            },
+        );
     }
 }
 
@@ -668,6 +757,30 @@ fn gemm_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rng)
                 Ok((e1.max(rel_err(&dev.download_bf16(o)?, &want2)), BF16_TOL))
             },
         );
+        // f32 scores: bf16 inputs, f32 accumulation and output. The bar is 1e-4: far below
+        // bf16 output rounding (~4e-3), so it proves the scores are not rounded to bf16, with
+        // room for the tensor cores' f32 accumulation order over d = 64..128 products.
+        rep.case(
+            &format!("batched qk^t f32 scores batch={batch} l={lq} d={d}"),
+            || -> R {
+                let mut m = Mem::new(dev);
+                let q = bf16_round(&rng.vec(batch * lq * d, 1.0));
+                let k = bf16_round(&rng.vec(batch * lk * d, 1.0));
+                let (qd, kd, s) = (m.bf16(&q)?, m.bf16(&k)?, m.out_f32(batch * lq * lk)?);
+                gemm.batched_qkt_f32(qd, kd, s, batch, lq, lk, d)?;
+                let mut want = Vec::new();
+                for bi in 0..batch {
+                    want.extend(matmul_bt(
+                        &q[bi * lq * d..][..lq * d],
+                        &k[bi * lk * d..][..lk * d],
+                        lq,
+                        d,
+                        lk,
+                    ));
+                }
+                Ok((rel_err(&dev.download_f32(s)?, &want), 1e-4))
+            },
+        );
     }
     attention_cases(dev, &gemm, rep, rng);
 }
@@ -678,17 +791,23 @@ fn attention_cases(
     rep: &mut Report,
     _rng: &mut Rng,
 ) {
-    let has_fused = dev.has_func("joint_attn_hd64_bf16");
-    if !has_fused {
-        println!("  note: fused attention not loaded; testing the unfused path only");
+    // Unfused path first: a fault in a fused kernel would poison the context for the rest.
+    // Then both instantiations of the fused kernel (8 warps × 16 rows, 4 warps × 32 rows),
+    // each with the separate RMSNorm kernel and with its own fused qk-norm.
+    let mut all_paths: Vec<(String, Option<AttnVariant>, bool)> =
+        vec![("unfused".to_string(), None, false)];
+    for v in AttnVariant::ALL {
+        if dev.has_func(v.kernel(false)) && dev.has_func(v.kernel(true)) {
+            all_paths.push((format!("fused-{}", v.name()), Some(v), false));
+            all_paths.push((format!("fused-{}+qknorm-kernel", v.name()), Some(v), true));
+        } else {
+            println!(
+                "  note: fused attention {} not loaded; not tested",
+                v.kernel(false)
+            );
+        }
     }
     let hd = 64;
-    // Unfused paths first: a fault in the fused kernel would poison the context for the rest.
-    let all_paths: &[&str] = if has_fused {
-        &["unfused", "fused", "fused+qknorm-kernel"]
-    } else {
-        &["unfused"]
-    };
     let shapes = [
         (1usize, 0usize, 16usize, 2usize),
         (2, 7, 64, 2),
@@ -696,7 +815,8 @@ fn attention_cases(
         (1, 154, 1024, 2),
         (2, 1, 129, 1),
     ];
-    for &path in all_paths {
+    for (path, variant, fused_norm) in &all_paths {
+        let (variant, fused_norm) = (*variant, *fused_norm);
         for (si, &(b, la, lb, h)) in shapes.iter().enumerate() {
             // The same inputs for every path: one seed per shape.
             let mut rng = Rng::new(1000 + si as u64);
@@ -728,7 +848,7 @@ fn attention_cases(
                 );
                 let want: Vec<f32> = want_a.iter().chain(&want_b).copied().collect();
                 {
-                    if path == "fused+qknorm-kernel" && !qk {
+                    if fused_norm && !qk {
                         continue;
                     }
                     rep.case(
@@ -741,9 +861,10 @@ fn attention_cases(
                                 m.out_bf16(b * lb * h * hd)?,
                             );
                             let ws = [m.f32(&wa.0)?, m.f32(&wa.1)?, m.f32(&wb.0)?, m.f32(&wb.1)?];
-                            match path {
-                                "fused+qknorm-kernel" => {
-                                    dev.joint_attention_fused(
+                            match variant {
+                                Some(v) if fused_norm => {
+                                    dev.joint_attention_fused_with(
+                                        v,
                                         ad,
                                         bd,
                                         oa,
@@ -761,9 +882,9 @@ fn attention_cases(
                                         dev.rmsnorm_qk(ad, ws[0], ws[1], b * la, h, hd, 1e-6)?;
                                         dev.rmsnorm_qk(bd, ws[2], ws[3], b * lb, h, hd, 1e-6)?;
                                     }
-                                    if path == "fused" {
-                                        dev.joint_attention_fused(
-                                            ad, bd, oa, ob, b, la, lb, h, scale, None,
+                                    if let Some(v) = variant {
+                                        dev.joint_attention_fused_with(
+                                            v, ad, bd, oa, ob, b, la, lb, h, scale, None,
                                         )?;
                                     } else {
                                         let l = la + lb;
@@ -774,11 +895,13 @@ fn attention_cases(
                                             m.out_bf16(n)?,
                                             m.out_bf16(n)?,
                                         );
-                                        let s = m.out_bf16(b * h * l * l)?;
+                                        // As the MMDiT's fallback: f32 scores, bf16 P.
+                                        let s = m.out_f32(b * h * l * l)?;
+                                        let pr = m.out_bf16(b * h * l * l)?;
                                         dev.split_heads(ad, bd, q, k, v, b, la, lb, h, hd)?;
-                                        gemm.batched_qkt(q, k, s, b * h, l, l, hd)?;
-                                        dev.softmax_rows(s, b * h * l, l, scale)?;
-                                        gemm.batched_pv(s, v, o, b * h, l, l, hd)?;
+                                        gemm.batched_qkt_f32(q, k, s, b * h, l, l, hd)?;
+                                        dev.softmax_rows_f32(s, pr, b * h * l, l, scale)?;
+                                        gemm.batched_pv(pr, v, o, b * h, l, l, hd)?;
                                         dev.merge_heads(o, oa, ob, b, la, lb, h, hd)?;
                                     }
                                 }

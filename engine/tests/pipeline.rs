@@ -487,7 +487,7 @@ fn zero_gate_reproduces_plain_mmdit_exactly() {
         .zip(&plain.data)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     // And the branch is live once the gate opens.
-    m.dpir.gate.iter_mut().for_each(|g| *g = 0.5);
+    m.parts.dpir.gate.iter_mut().for_each(|g| *g = 0.5);
     let opened = m.velocity(&z, &[700.0], &y_b, &ctx_b, &lq).unwrap();
     assert!(max_abs_diff(&opened, &plain) > 1e-3);
 }

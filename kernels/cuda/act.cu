@@ -12,9 +12,13 @@
 //                                 h = dim / 2 (odd dim: last column 0), as SD3's `timestep_embedding`.
 //   softmax_rows_bf16(s, rows, cols, scale)
 //                                 in place, softmax(scale * s) per row (f32 math); one block per row.
+//   softmax_rows_f32_bf16(s, p, rows, cols, scale)
+//                                 p = softmax(scale * s) per row: f32 scores s [rows, cols] (the
+//                                 unfused attention's QK^T, written f32 by cuBLASLt) -> bf16
+//                                 probabilities p [rows, cols] (a separate buffer); one block per row.
 // Launch shapes: element-wise kernels take one element per thread, block 256, grid
-// ceil(n / 256) (any n); timestep: block 256, grid ceil(B * dim / 256); softmax: block 256,
-// grid rows.
+// ceil(n / 256) (any n); timestep: block 256, grid ceil(B * dim / 256); softmax (both): block
+// 256, grid rows.
 // Resources: timestep_embedding_bf16 shows a 32-byte stack frame and no spills: it is the
 // local buffer of cosf/sinf's slow-path argument reduction (|t f| up to 1000 rad).
 // Versions: v1. Check: engine/tests/cuda_kernels.rs.
@@ -92,4 +96,21 @@ extern "C" __global__ void softmax_rows_bf16(bf16_t* __restrict__ s, int rows, i
     sum = block_sum(sum, scratch);
     float inv = 1.f / sum;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) r[c] = f2bf(__expf(bf2f(r[c]) * scale - m) * inv);
+}
+
+extern "C" __global__ void softmax_rows_f32_bf16(const float* __restrict__ s, bf16_t* __restrict__ p,
+                                                 int rows, int cols, float scale) {
+    __shared__ float scratch[32];
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* r = s + (size_t)row * cols;
+    bf16_t* o = p + (size_t)row * cols;
+    float m = __int_as_float(0xff800000);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, r[c] * scale);
+    m = block_max(m, scratch);
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += __expf(r[c] * scale - m);
+    sum = block_sum(sum, scratch);
+    float inv = 1.f / sum;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = f2bf(__expf(r[c] * scale - m) * inv);
 }

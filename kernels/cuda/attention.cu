@@ -39,12 +39,20 @@
 //   3*H*64 bf16, keeps every row aligned), scale > 0. qkv_a/out_a (and w_qa/w_ka) may be null
 //   when La = 0. qkv and out must not overlap.
 //   Designed for 2 CTAs per SM (<= 128 registers per thread, 96 KiB shared memory per SM).
-//   Setting JOINT_ATTN_HD64_THREADS to 128 gives 4 warps x 32 query rows with the same grid and
-//   shared memory (about 255 registers, 2 CTAs per SM); the check program times both.
+//   Two instantiations of the same body are exported side by side (the host picks one at run
+//   time; both use the grid and shared memory above):
+//     joint_attn_hd64_bf16(_qknorm)     8 warps x 16 query rows, block JOINT_ATTN_HD64_THREADS
+//                                       = 256 threads (<= 128 registers)
+//     joint_attn_hd64_w4_bf16(_qknorm)  4 warps x 32 query rows, block JOINT_ATTN_HD64_W4_THREADS
+//                                       = 128 threads (<= 255 registers): half the shared-memory
+//                                       fragment reads per MMA; measured 296 vs 267 TFLOP/s on
+//                                       the H100 at SD3-medium 1024^2 CFG (the default)
 //
 // Resources (ptxas 13.0, -O3): sm_90a: 128 registers, no spills (plain); the qk-norm variant
 //   spills 32 bytes on sm_90a (8 loop-invariant values, re-read from L1 once per K tile, next to
 //   128 MMAs per warp per tile, so it is left as is); sm_80: 127/128 registers, no spills.
+//   The w4 instantiations: 255 registers on sm_90a (plain and qk-norm), 253/255 on sm_80, no
+//   spills.
 //
 // Check and benchmark
 //   scripts/build-dev-checks.sh attention   (builds dist/bin/attention_check on a machine without GPU)
@@ -58,6 +66,8 @@
 #define JOINT_ATTN_HD64_BLOCK_M 128
 #define JOINT_ATTN_HD64_BLOCK_N 64
 #define JOINT_ATTN_HD64_THREADS 256
+// The "w4" instantiation: 4 warps x 32 query rows, same BLOCK_M, BLOCK_N and shared memory.
+#define JOINT_ATTN_HD64_W4_THREADS 128
 // (BLOCK_M + 2 buffers * (K + V) * BLOCK_N) * HD * sizeof(bf16)
 #define JOINT_ATTN_HD64_SMEM_BYTES \
     ((JOINT_ATTN_HD64_BLOCK_M + 4 * JOINT_ATTN_HD64_BLOCK_N) * 64 * 2)
@@ -515,5 +525,24 @@ extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_THREADS, 2)
                                 const float* w_qb, const float* w_kb) {
     joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N,
                                 JOINT_ATTN_HD64_THREADS, true>(
+        qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, w_qa, w_ka, w_qb, w_kb);
+}
+
+extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_W4_THREADS, 2)
+    joint_attn_hd64_w4_bf16(const __nv_bfloat16* qkv_a, const __nv_bfloat16* qkv_b,
+                            __nv_bfloat16* out_a, __nv_bfloat16* out_b, int B, int La, int Lb,
+                            int H, float scale) {
+    joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N,
+                                JOINT_ATTN_HD64_W4_THREADS, false>(
+        qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, nullptr, nullptr, nullptr, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_W4_THREADS, 2)
+    joint_attn_hd64_w4_bf16_qknorm(const __nv_bfloat16* qkv_a, const __nv_bfloat16* qkv_b,
+                                   __nv_bfloat16* out_a, __nv_bfloat16* out_b, int B, int La,
+                                   int Lb, int H, float scale, const float* w_qa,
+                                   const float* w_ka, const float* w_qb, const float* w_kb) {
+    joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N,
+                                JOINT_ATTN_HD64_W4_THREADS, true>(
         qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, w_qa, w_ka, w_qb, w_kb);
 }

@@ -12,7 +12,15 @@
 //       x [B * (H/p) * (W/p), p * p * C] (column order (ky, kx, c), SD3's `unpatchify`)
 //       -> out [B, C, H, W] f32.
 //   cfg_euler_f32(z, v, n, cfg, dsigma)
-//       v holds 2 halves of n values: [cond ; uncond]. z[i] += dsigma * (vu + cfg (vc - vu)).
+//       v holds 2 halves of n values: [cond ; uncond]. z[i] += dsigma * (vu + cfg (vc - vu)),
+//       rounded as fma(dsigma, fma(cfg, vc - vu, vu), z) (explicit, so that every variant
+//       below gives the same bits).
+//   cfg_euler_dsig_f32(z, v, n, cfg, dsigma_ptr)
+//       the same with dsigma read from device memory (*dsigma_ptr): the CUDA-graph step.
+//   schedule_step_f32(timesteps, dsigmas, counter, t_cur, dsigma_cur, B, steps)
+//       the device-resident sampling schedule: idx = min(*counter, steps - 1);
+//       t_cur[0..B) = timesteps[idx*B ..), *dsigma_cur = dsigmas[idx], then *counter = idx + 1.
+//       One block (any blockDim, B any size); launch exactly one block, first in the step.
 //   cfg_combine_f32(v, out, n, cfg)   out[i] = vu + cfg (vc - vu) (same layout).
 //   split_heads_bf16(qkv_a, qkv_b, q, k, v, B, La, Lb, H, hd)
 //       fused qkv [B, L*, 3 H hd] of the context (a) and image (b) streams -> q, k, v
@@ -66,12 +74,37 @@ extern "C" __global__ void unpatchify_bf16_f32(const bf16_t* __restrict__ x, flo
     out[i] = bf2f(x[((size_t)b * hp * wp + tok) * ((size_t)p * p * C) + col]);
 }
 
+__device__ __forceinline__ float cfg_euler_update(float z, float vc, float vu, float cfg,
+                                                  float dsigma) {
+    return __fmaf_rn(dsigma, __fmaf_rn(cfg, __fsub_rn(vc, vu), vu), z);
+}
+
 extern "C" __global__ void cfg_euler_f32(float* __restrict__ z, const float* __restrict__ v, size_t n,
                                          float cfg, float dsigma) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float vc = v[i], vu = v[n + i];
-    z[i] += dsigma * (vu + cfg * (vc - vu));
+    z[i] = cfg_euler_update(z[i], v[i], v[n + i], cfg, dsigma);
+}
+
+extern "C" __global__ void cfg_euler_dsig_f32(float* __restrict__ z, const float* __restrict__ v,
+                                              size_t n, float cfg,
+                                              const float* __restrict__ dsigma) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    z[i] = cfg_euler_update(z[i], v[i], v[n + i], cfg, *dsigma);
+}
+
+extern "C" __global__ void schedule_step_f32(const float* __restrict__ timesteps,
+                                             const float* __restrict__ dsigmas, int* counter,
+                                             float* __restrict__ t_cur,
+                                             float* __restrict__ dsigma_cur, int B, int steps) {
+    if (blockIdx.x != 0 || steps <= 0) return;
+    int idx = *counter;
+    idx = idx < 0 ? 0 : (idx >= steps ? steps - 1 : idx);
+    for (int i = threadIdx.x; i < B; i += blockDim.x) t_cur[i] = timesteps[(size_t)idx * B + i];
+    if (threadIdx.x == 0) *dsigma_cur = dsigmas[idx];
+    __syncthreads();  // every thread has read *counter before it moves on
+    if (threadIdx.x == 0) *counter = idx + 1;
 }
 
 extern "C" __global__ void cfg_combine_f32(const float* __restrict__ v, float* __restrict__ out, size_t n,

@@ -2,8 +2,8 @@
 //
 // What it does
 //   1. Prints the device, then each kernel's registers, local memory and CTAs per SM.
-//   2. Validates joint_attn_hd64_bf16 and joint_attn_hd64_bf16_qknorm (and the same template
-//      body with 4 warps x 32 query rows, "variant_w4", a candidate configuration) against a
+//   2. Validates joint_attn_hd64_bf16, joint_attn_hd64_bf16_qknorm and their 4-warp x 32-row
+//      instantiations joint_attn_hd64_w4_bf16(_qknorm) (the engine's default) against a
 //      plain f32 CPU reference computed from the same bf16-rounded inputs, at every shape in
 //      `cases`: output buffers are poisoned with NaN, with a poisoned guard region after each
 //      buffer, before every launch, so an element left unwritten or written out of bounds fails
@@ -121,19 +121,9 @@ static void poison_outputs(const Problem& p) {
     if (p.d_out_b) cudaCheck(cudaMemset(p.d_out_b, 0xFF, (p.out_b_elems() + kGuardElems) * 2));
 }
 
-// Kernels under test. The production entry points, plus a variant of the same template body
-// with 4 warps x 32 query rows per CTA (same grid and shared memory, 128 threads): it halves the
-// shared-memory reads per MMA at twice the registers per thread. Switching production to it is
-// the one-line change JOINT_ATTN_HD64_THREADS 256 -> 128.
-template <bool QKNORM>
-__global__ void __launch_bounds__(128, 2)
-    attn_w4_variant(const __nv_bfloat16* qkv_a, const __nv_bfloat16* qkv_b,
-                    __nv_bfloat16* out_a, __nv_bfloat16* out_b, int B, int La, int Lb, int H,
-                    float scale, const float* w_qa, const float* w_ka, const float* w_qb,
-                    const float* w_kb) {
-    joint_attn::joint_attn_body<64, JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_BLOCK_N, 128, QKNORM>(
-        qkv_a, qkv_b, out_a, out_b, B, La, Lb, H, scale, w_qa, w_ka, w_qb, w_kb);
-}
+// Kernels under test: both production instantiations of the same template body, 8 warps x 16
+// query rows (block JOINT_ATTN_HD64_THREADS = 256) and 4 warps x 32 query rows ("w4", block
+// JOINT_ATTN_HD64_W4_THREADS = 128, the engine's default); same grid and shared memory.
 
 struct Impl {
     const char* name;
@@ -146,8 +136,10 @@ static const Impl kImpls[] = {
     {"joint_attn_hd64_bf16", false, false, JOINT_ATTN_HD64_THREADS, (const void*)joint_attn_hd64_bf16},
     {"joint_attn_hd64_bf16_qknorm", true, false, JOINT_ATTN_HD64_THREADS,
      (const void*)joint_attn_hd64_bf16_qknorm},
-    {"variant_w4", false, true, 128, (const void*)attn_w4_variant<false>},
-    {"variant_w4_qknorm", true, true, 128, (const void*)attn_w4_variant<true>},
+    {"joint_attn_hd64_w4_bf16", false, true, JOINT_ATTN_HD64_W4_THREADS,
+     (const void*)joint_attn_hd64_w4_bf16},
+    {"joint_attn_hd64_w4_bf16_qknorm", true, true, JOINT_ATTN_HD64_W4_THREADS,
+     (const void*)joint_attn_hd64_w4_bf16_qknorm},
 };
 
 // Returns false (after printing the error) when the launch itself is rejected.
@@ -166,11 +158,11 @@ static bool launch(const Problem& p, const Impl& k, cudaStream_t stream = 0) {
     const int smem = JOINT_ATTN_HD64_SMEM_BYTES;
     if (k.w4) {
         if (k.qknorm)
-            attn_w4_variant<true><<<grid, block, smem, stream>>>(qa, qb, oa, ob, p.B, p.La, p.Lb,
-                                                                 p.H, p.scale, wqa, wka, wqb, wkb);
+            joint_attn_hd64_w4_bf16_qknorm<<<grid, block, smem, stream>>>(
+                qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, wqa, wka, wqb, wkb);
         else
-            attn_w4_variant<false><<<grid, block, smem, stream>>>(
-                qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, nullptr, nullptr, nullptr, nullptr);
+            joint_attn_hd64_w4_bf16<<<grid, block, smem, stream>>>(qa, qb, oa, ob, p.B, p.La,
+                                                                   p.Lb, p.H, p.scale);
     } else if (k.qknorm) {
         joint_attn_hd64_bf16_qknorm<<<grid, block, smem, stream>>>(
             qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, wqa, wka, wqb, wkb);
@@ -333,7 +325,7 @@ static CheckResult compare(const Problem& p, const Reference& ref) {
 static bool report(const char* name, const Problem& p, const CheckResult& r) {
     const double rel = r.max_ref > 0 ? r.max_err / r.max_ref : r.max_err;
     const bool ok = rel <= 1e-2 && r.bad_values == 0 && r.guard_hits == 0 && r.rows_checked > 0;
-    printf("%s %-28s B=%d La=%d Lb=%d H=%d err=%.3e (max|err| %.3e, max|ref| %.3e, rows %ld, "
+    printf("%s %-30s B=%d La=%d Lb=%d H=%d err=%.3e (max|err| %.3e, max|ref| %.3e, rows %ld, "
            "nonfinite %ld, out-of-bounds %ld)\n",
            ok ? "PASS" : "FAIL", name, p.B, p.La, p.Lb, p.H, rel, r.max_err, r.max_ref,
            r.rows_checked, r.bad_values, r.guard_hits);
@@ -387,7 +379,7 @@ static int validate(const Problem& p, const Reference& ref) {
         if (k.qknorm != p.qknorm) continue;
         poison_outputs(p);
         if (!launch(p, k)) {
-            printf("FAIL %-28s B=%d La=%d Lb=%d H=%d (launch rejected)\n", k.name, p.B, p.La,
+            printf("FAIL %-30s B=%d La=%d Lb=%d H=%d (launch rejected)\n", k.name, p.B, p.La,
                    p.Lb, p.H);
             ++failures;
             continue;
@@ -415,15 +407,16 @@ int main(int argc, char** argv) {
     cudaCheck(cudaGetDeviceProperties(&prop, dev));
     printf("device: %s (sm_%d%d, %d SMs, L2 %d MiB)\n", prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    printf("launch: grid (ceil(L/%d), H, B), block %d, dynamic smem %d bytes\n",
-           JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_THREADS, JOINT_ATTN_HD64_SMEM_BYTES);
+    printf("launch: grid (ceil(L/%d), H, B), block %d (w4: %d), dynamic smem %d bytes\n",
+           JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_THREADS, JOINT_ATTN_HD64_W4_THREADS,
+           JOINT_ATTN_HD64_SMEM_BYTES);
     for (const Impl& k : kImpls) {
         cudaFuncAttributes fa;
         cudaCheck(cudaFuncGetAttributes(&fa, k.fn));
         int blocks = 0;
         cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, k.threads,
                                                                 JOINT_ATTN_HD64_SMEM_BYTES));
-        printf("kernel %-28s threads %d, regs %d, local %zu B, CTAs/SM %d (binary sm_%d)\n",
+        printf("kernel %-30s threads %d, regs %d, local %zu B, CTAs/SM %d (binary sm_%d)\n",
                k.name, k.threads, fa.numRegs, (size_t)fa.localSizeBytes, blocks,
                fa.binaryVersion);
     }
@@ -485,10 +478,10 @@ int main(int argc, char** argv) {
     const double ref = ceiling > 0 ? ceiling : 798.0;
     for (const Row& r : rows) {
         if (r.tf < 0) {
-            printf("%-24s %-28s not timed (launch rejected)\n", r.shape, r.kernel);
+            printf("%-24s %-30s not timed (launch rejected)\n", r.shape, r.kernel);
             continue;
         }
-        printf("%-24s %-28s B=%d La=%d Lb=%d H=%d  %8.3f ms  %6.1f TFLOP/s  (%4.1f%% of ceiling)\n",
+        printf("%-24s %-30s B=%d La=%d Lb=%d H=%d  %8.3f ms  %6.1f TFLOP/s  (%4.1f%% of ceiling)\n",
                r.shape, r.kernel, r.s.B, r.s.La, r.s.Lb, r.s.H, r.ms, r.tf, 100.0 * r.tf / ref);
     }
 

@@ -19,6 +19,12 @@ pub enum KernelModule {
     Vae,
     /// `attention.cu`: fused joint flash attention (head_dim 64), optional qk-RMSNorm.
     Attention,
+    /// `vae_conv.cu`: NHWC bf16 convolutions (implicit GEMM on tensor cores, generic
+    /// fallback) with bias, residual and fused nearest-2x-upsample epilogues.
+    VaeConv,
+    /// `vae_norm.cu`: NHWC GroupNorm(+SiLU) in two passes, nearest 2x upsample, NCHW f32 <->
+    /// NHWC bf16 layout conversions.
+    VaeNorm,
 }
 
 /// What a module can be loaded from, best first.
@@ -83,6 +89,8 @@ module_files! {
     Layout => "layout",
     Vae => "vae",
     Attention => "attention",
+    VaeConv => "vae_conv",
+    VaeNorm => "vae_norm",
 }
 
 /// `kernels/cuda/common.cuh`, the header the dpir kernels share.
@@ -138,6 +146,8 @@ mod tests {
         assert_eq!(KernelModule::Norm.images(9, 0).len(), 2);
         assert_eq!(KernelModule::Norm.images(8, 6).len(), 1);
         assert!(KernelModule::Norm.images(12, 0).is_empty());
+        assert_eq!(KernelModule::VaeConv.name(), "vae_conv");
+        assert_eq!(KernelModule::VaeNorm.images(9, 0).len(), 2);
         assert!(!KernelModule::Norm
             .nvrtc_source()
             .contains("#include \"common.cuh\""));

@@ -35,6 +35,9 @@ impl Elem for Bf16 {
 impl Elem for f32 {
     const BYTES: usize = 4;
 }
+impl Elem for i32 {
+    const BYTES: usize = 4;
+}
 
 /// A typed window of device memory: a raw pointer and an element count. Copyable and
 /// lifetime-free, so buffers can be planned once; the owner of the memory
@@ -188,6 +191,7 @@ const FUNCTIONS: &[(KernelModule, &[&str])] = &[
             "bf16_to_f32",
             "timestep_embedding_bf16",
             "softmax_rows_bf16",
+            "softmax_rows_f32_bf16",
         ],
     ),
     (
@@ -197,6 +201,8 @@ const FUNCTIONS: &[(KernelModule, &[&str])] = &[
             "pos_embed_add_bf16",
             "unpatchify_bf16_f32",
             "cfg_euler_f32",
+            "cfg_euler_dsig_f32",
+            "schedule_step_f32",
             "cfg_combine_f32",
             "split_heads_bf16",
             "merge_heads_bf16",
@@ -212,7 +218,26 @@ const FUNCTIONS: &[(KernelModule, &[&str])] = &[
     ),
     (
         KernelModule::Attention,
-        &["joint_attn_hd64_bf16", "joint_attn_hd64_bf16_qknorm"],
+        &[
+            "joint_attn_hd64_bf16",
+            "joint_attn_hd64_bf16_qknorm",
+            "joint_attn_hd64_w4_bf16",
+            "joint_attn_hd64_w4_bf16_qknorm",
+        ],
+    ),
+    (
+        KernelModule::VaeConv,
+        &["vae_conv2d_bf16", "vae_conv2d_generic_bf16"],
+    ),
+    (
+        KernelModule::VaeNorm,
+        &[
+            "vae_groupnorm_stats_bf16",
+            "vae_groupnorm_silu_bf16",
+            "vae_upsample2x_nearest_bf16",
+            "nchw_f32_to_nhwc_bf16",
+            "nhwc_bf16_to_nchw_f32",
+        ],
     ),
 ];
 
@@ -270,6 +295,12 @@ impl CudaDevice {
                 }
                 Err(e) if module == KernelModule::Attention => {
                     report.push((module, format!("not loaded ({e}); unfused fallback")));
+                }
+                // No embedded image for this device and no NVRTC fallback (the NHWC VAE
+                // kernels include <cuda_bf16.h>): the device still opens; loading the CUDA
+                // VAE then fails with a clean error.
+                Err(e) if matches!(module, KernelModule::VaeConv | KernelModule::VaeNorm) => {
+                    report.push((module, format!("not loaded ({e}); no CUDA VAE")));
                 }
                 Err(e) => return Err(e),
             }
@@ -374,6 +405,32 @@ impl CudaDevice {
         unsafe { dres::memcpy_htod_async(dst.ptr, src, self.cu_stream()) }
             .map_err(|e| derr("host to device copy", e))?;
         self.synchronize()
+    }
+
+    /// Copies host i32 into a device i32 view (synchronous).
+    pub fn upload_i32(&self, dst: DView<i32>, src: &[i32]) -> Result<()> {
+        dst.need(src.len(), "upload_i32")?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst holds at least src.len() i32 (checked); the copy is ordered on our
+        // stream and `src` stays borrowed until the stream is synchronised below.
+        unsafe { dres::memcpy_htod_async(dst.ptr, src, self.cu_stream()) }
+            .map_err(|e| derr("host to device copy", e))?;
+        self.synchronize()
+    }
+
+    /// Copies a device i32 view to the host (waits for the stream first).
+    pub fn download_i32(&self, src: DView<i32>) -> Result<Vec<i32>> {
+        self.bind()?;
+        let mut out = vec![0i32; src.len];
+        // SAFETY: src holds src.len i32; out has the same length and outlives the copy
+        // (the stream is synchronised before returning).
+        unsafe { dres::memcpy_dtoh_async(&mut out, src.ptr, self.cu_stream()) }
+            .map_err(|e| derr("device to host copy", e))?;
+        self.synchronize()?;
+        Ok(out)
     }
 
     /// Copies a device f32 view to the host (waits for the stream first).

@@ -1,5 +1,5 @@
-//! cuBLASLt GEMMs: bf16 inputs and outputs, f32 accumulation, optional bias (and GELU)
-//! epilogue, strided batches. Descriptors are RAII (`Drop`); one plan (descriptors and the
+//! cuBLASLt GEMMs: bf16 inputs and outputs (f32 output for the unfused attention's scores),
+//! f32 accumulation, optional bias (and GELU) epilogue, strided batches. Descriptors are RAII (`Drop`); one plan (descriptors and the
 //! heuristic's algorithm) is cached per shape, so a sampling loop only looks plans up.
 //!
 //! GELU epilogue: the cuBLASLt documentation does not spell out its GELU formula (llm.c uses
@@ -44,6 +44,8 @@ struct Shape {
     sb: i64,
     sd: i64,
     epi: Epilogue,
+    /// D (and C) in f32 instead of bf16 (A and B stay bf16; compute and scale f32).
+    d_f32: bool,
 }
 
 struct Layout(sys::cublasLtMatrixLayout_t);
@@ -96,10 +98,16 @@ fn lterr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("cuBLASLt {what}: {e:?}"))
 }
 
-fn layout(rows: u64, cols: u64, ld: i64, batch: i32, stride: i64) -> Result<Layout> {
+fn layout(
+    dtype: sys::cudaDataType,
+    rows: u64,
+    cols: u64,
+    ld: i64,
+    batch: i32,
+    stride: i64,
+) -> Result<Layout> {
     let l = Layout(
-        lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, rows, cols, ld)
-            .map_err(|e| lterr("matrix layout", e))?,
+        lt::create_matrix_layout(dtype, rows, cols, ld).map_err(|e| lterr("matrix layout", e))?,
     );
     if batch > 1 {
         // SAFETY: l.0 is a live layout; the attribute buffers match their declared types
@@ -221,9 +229,15 @@ impl Gemm {
         }
         let (ar, ac) = if s.ta { (s.k, s.m) } else { (s.m, s.k) };
         let (br, bc) = if s.tb { (s.n, s.k) } else { (s.k, s.n) };
-        let a = layout(ar, ac, s.lda, s.batch, s.sa)?;
-        let b = layout(br, bc, s.ldb, s.batch, s.sb)?;
-        let d = layout(s.m, s.n, s.ldd, s.batch, s.sd)?;
+        let bf = sys::cudaDataType::CUDA_R_16BF;
+        let dt = if s.d_f32 {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            bf
+        };
+        let a = layout(bf, ar, ac, s.lda, s.batch, s.sa)?;
+        let b = layout(bf, br, bc, s.ldb, s.batch, s.sb)?;
+        let d = layout(dt, s.m, s.n, s.ldd, s.batch, s.sd)?;
         let pref = Pref(lt::create_matmul_pref().map_err(|e| lterr("preference", e))?);
         let ws = WORKSPACE_BYTES as u64;
         // SAFETY: pref.0 is live; the attribute is a u64 byte count.
@@ -374,13 +388,15 @@ impl Gemm {
             sb: 0,
             sd: 0,
             epi,
+            d_f32: false,
         };
         // SAFETY: lengths checked above; y is a separate buffer from x and w by construction
         // of the callers (activations vs weights).
         unsafe { self.run(s, w.ptr, x.ptr, y.ptr, bias.map_or(0, |b| b.ptr), false) }
     }
 
-    /// Batched row-major `s[i] = q[i] · k[i]ᵀ` with q `[lq, d]`, k `[lk, d]`, s `[lq, lk]`.
+    /// Batched row-major `s[i] = q[i] · k[i]ᵀ` with q `[lq, d]`, k `[lk, d]`, s `[lq, lk]`
+    /// (bf16 scores).
     #[allow(clippy::too_many_arguments)]
     pub fn batched_qkt(
         &self,
@@ -392,9 +408,42 @@ impl Gemm {
         lk: usize,
         d: usize,
     ) -> Result<()> {
+        s.need(batch * lq * lk, "qkt s")?;
+        self.qkt(q, k, s.ptr, false, batch, lq, lk, d)
+    }
+
+    /// [`Gemm::batched_qkt`] with f32 scores (bf16 inputs, f32 accumulation and output): the
+    /// unfused attention's logits keep f32 precision into the softmax.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batched_qkt_f32(
+        &self,
+        q: DView<Bf16>,
+        k: DView<Bf16>,
+        s: DView<f32>,
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        d: usize,
+    ) -> Result<()> {
+        s.need(batch * lq * lk, "qkt s")?;
+        self.qkt(q, k, s.ptr, true, batch, lq, lk, d)
+    }
+
+    /// `s` holds `batch · lq · lk` elements of f32 (`s_f32`) or bf16 (checked by the callers).
+    #[allow(clippy::too_many_arguments)]
+    fn qkt(
+        &self,
+        q: DView<Bf16>,
+        k: DView<Bf16>,
+        s: u64,
+        s_f32: bool,
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        d: usize,
+    ) -> Result<()> {
         q.need(batch * lq * d, "qkt q")?;
         k.need(batch * lk * d, "qkt k")?;
-        s.need(batch * lq * lk, "qkt s")?;
         let sh = Shape {
             ta: true,
             tb: false,
@@ -404,14 +453,17 @@ impl Gemm {
             lda: d as i64,
             ldb: d as i64,
             ldd: lk as i64,
-            batch: batch as i32,
+            batch: i32::try_from(batch)
+                .map_err(|_| Error::Cuda(format!("qkt: batch {batch} too large")))?,
             sa: (lk * d) as i64,
             sb: (lq * d) as i64,
             sd: (lq * lk) as i64,
             epi: Epilogue::None,
+            d_f32: s_f32,
         };
-        // SAFETY: lengths checked above for all batches; s is a separate scratch buffer.
-        unsafe { self.run(sh, k.ptr, q.ptr, s.ptr, 0, false) }
+        // SAFETY: q and k checked above, s by the callers (batch · lq · lk elements of the
+        // declared type) for all batches; s is a separate scratch buffer.
+        unsafe { self.run(sh, k.ptr, q.ptr, s, 0, false) }
     }
 
     /// Batched row-major `o[i] = p[i] · v[i]` with p `[lq, lk]`, v `[lk, d]`, o `[lq, d]`.
@@ -443,6 +495,7 @@ impl Gemm {
             sb: (lq * lk) as i64,
             sd: (lq * d) as i64,
             epi: Epilogue::None,
+            d_f32: false,
         };
         // SAFETY: lengths checked above for all batches; o is a separate buffer.
         unsafe { self.run(sh, v.ptr, p.ptr, o.ptr, 0, false) }

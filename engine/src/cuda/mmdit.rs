@@ -6,8 +6,10 @@
 //! - [`CudaMmdit::forward`]: the CPU `Mmdit::forward` signature (host tensors in and out).
 //! - the device-resident step API for the sampler: [`CudaMmdit::plan`] sizes every activation
 //!   for (batch, H, W, context length) and carves it from one arena; conditions, latent and
-//!   the whole timestep schedule are uploaded before the loop; [`CudaMmdit::step_cfg_euler`]
-//!   then runs model + CFG + Euler with no host round trip and no device allocation.
+//!   the whole timestep schedule are uploaded before the loop; [`CudaMmdit::sample`] then
+//!   runs every step (model + CFG + Euler) with no host round trip and no device allocation,
+//!   replaying one captured CUDA graph per step ([`Options::cuda_graph`]);
+//!   [`CudaMmdit::step_cfg_euler`] runs one step eagerly at a host-chosen schedule slot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use dpir_loader::config::MmditConfig;
 
 use super::device::{arena_bytes, Arena, Bf16, CudaDevice, DView, DeviceBuffer, Elem};
 use super::gemm::Gemm;
+use super::nvtx;
+use super::ops::AttnVariant;
 use crate::error::{Error, Result};
 use crate::models::mmdit::LqInject;
 use crate::tensor::Tensor;
@@ -143,27 +147,59 @@ pub fn weight_specs(cfg: &MmditConfig, has: &dyn Fn(&str) -> bool) -> Vec<Weight
 }
 
 /// Options of the GPU forward (defaults: the most validated path).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Options {
     /// Use the fused flash-attention kernel when loaded and head_dim is 64.
     pub fused_attention: bool,
+    /// Which instantiation of the fused kernel runs (default: 4 warps × 32 rows).
+    pub attn_variant: AttnVariant,
     /// Use the flash kernel's fused qk-RMSNorm instead of the separate RMSNorm kernel.
     pub fused_qknorm: bool,
     /// Use cuBLASLt's GELU+bias epilogue for `mlp.fc1` instead of the tanh-GELU kernel.
     pub gelu_epilogue: bool,
+    /// [`CudaMmdit::sample`]: capture one step as a CUDA graph and replay it every step.
+    pub cuda_graph: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            fused_attention: true,
+            attn_variant: AttnVariant::default(),
+            fused_qknorm: false,
+            gelu_epilogue: false,
+            cuda_graph: true,
+        }
+    }
 }
 
 impl Options {
-    /// Defaults, overridable by `DPIR_ATTENTION=unfused`, `DPIR_FUSED_QKNORM=1`,
-    /// `DPIR_GELU_EPILOGUE=1`.
+    /// Defaults, overridable by `DPIR_ATTENTION=unfused`, `DPIR_ATTN_VARIANT=w8|w4`,
+    /// `DPIR_FUSED_QKNORM=1`, `DPIR_GELU_EPILOGUE=1`, `DPIR_CUDA_GRAPH=0`. An unknown
+    /// `DPIR_ATTN_VARIANT` keeps the default with a one-line warning.
     pub fn from_env() -> Self {
         let flag = |k: &str| std::env::var(k).map(|v| v == "1").unwrap_or(false);
+        let d = Self::default();
+        let attn_variant = match std::env::var("DPIR_ATTN_VARIANT") {
+            Ok(v) => AttnVariant::parse(&v).unwrap_or_else(|| {
+                eprintln!(
+                    "warning: DPIR_ATTN_VARIANT={v:?} is not w8 or w4; using {}",
+                    d.attn_variant.name()
+                );
+                d.attn_variant
+            }),
+            Err(_) => d.attn_variant,
+        };
         Self {
             fused_attention: std::env::var("DPIR_ATTENTION")
                 .map(|v| v != "unfused")
-                .unwrap_or(true),
+                .unwrap_or(d.fused_attention),
+            attn_variant,
             fused_qknorm: flag("DPIR_FUSED_QKNORM"),
             gelu_epilogue: flag("DPIR_GELU_EPILOGUE"),
+            cuda_graph: std::env::var("DPIR_CUDA_GRAPH")
+                .map(|v| v != "0")
+                .unwrap_or(d.cuda_graph),
         }
     }
 }
@@ -205,7 +241,7 @@ pub struct CudaMmdit {
     pub gemm: Gemm,
     pub cfg: MmditConfig,
     pub opts: Options,
-    _weights: DeviceBuffer,
+    weights_buf: DeviceBuffer,
     /// Bytes of device memory the weights take.
     pub weight_bytes: usize,
     x_embedder: Lin,
@@ -403,7 +439,7 @@ impl CudaMmdit {
             blocks,
             final_ada: lin("final_layer.adaLN_modulation.1", 2 * d, d)?,
             final_linear: lin("final_layer.linear", p * p * cfg.out_channels, d)?,
-            _weights: arena.buffer,
+            weights_buf: arena.buffer,
             dev,
             plan_cache: None,
         })
@@ -411,9 +447,11 @@ impl CudaMmdit {
 
     /// Whether the fused flash-attention kernel will run for this model.
     pub fn uses_fused_attention(&self) -> bool {
+        let v = self.opts.attn_variant;
         self.opts.fused_attention
             && self.cfg.head_dim() == 64
-            && self.dev.has_func("joint_attn_hd64_bf16")
+            && self.dev.has_func(v.kernel(false))
+            && self.dev.has_func(v.kernel(true))
     }
 
     /// Sizes and allocates every activation for (batch, latent h × w, context length, steps):
@@ -498,8 +536,19 @@ impl CudaMmdit {
                 None
             };
             return timed(&self.dev, prof, "attention (flash)", || {
-                self.dev
-                    .joint_attention_fused(qkv_a, qkv_b, out_a, out_b, b, la, lb, heads, scale, w)
+                self.dev.joint_attention_fused_with(
+                    self.opts.attn_variant,
+                    qkv_a,
+                    qkv_b,
+                    out_a,
+                    out_b,
+                    b,
+                    la,
+                    lb,
+                    heads,
+                    scale,
+                    w,
+                )
             });
         }
         let s = p
@@ -510,9 +559,13 @@ impl CudaMmdit {
         timed(&self.dev, prof, "attention (unfused)", || {
             self.dev
                 .split_heads(qkv_a, qkv_b, s.q, s.k, s.v, b, la, lb, heads, hd)?;
-            self.gemm.batched_qkt(s.q, s.k, s.s, b * heads, l, l, hd)?;
-            self.dev.softmax_rows(s.s, b * heads * l, l, scale)?;
-            self.gemm.batched_pv(s.s, s.v, s.o, b * heads, l, l, hd)?;
+            // f32 logits into the softmax (bf16 scores cost ~1e-2 relative error at
+            // L ≥ 377), bf16 probabilities into P·V.
+            self.gemm
+                .batched_qkt_f32(s.q, s.k, s.s, b * heads, l, l, hd)?;
+            self.dev
+                .softmax_rows_f32(s.s, s.p, b * heads * l, l, scale)?;
+            self.gemm.batched_pv(s.p, s.v, s.o, b * heads, l, l, hd)?;
             self.dev
                 .merge_heads(s.o, out_a, out_b, b, la, lb, heads, hd)
         })
@@ -524,18 +577,24 @@ impl CudaMmdit {
         &self,
         p: &StepPlan,
         t_index: usize,
-        mut prof: Option<&mut Profile>,
+        prof: Option<&mut Profile>,
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let dev = &*self.dev;
-        let (b, n, l, d) = (p.batch, p.n, p.ctx_len, cfg.hidden);
-        let (c, h, w, pz) = (cfg.in_channels, p.h, p.w, cfg.patch_size);
         if t_index >= p.steps {
             return Err(Error::Arg(format!(
                 "timestep slot {t_index} of {}",
                 p.steps
             )));
         }
+        let t = p.timesteps.sub(t_index * p.batch, p.batch)?;
+        self.forward_t(p, t, prof)
+    }
+
+    /// One forward reading the batch's timesteps from the device view `t` (`[batch]`).
+    fn forward_t(&self, p: &StepPlan, t: DView<f32>, mut prof: Option<&mut Profile>) -> Result<()> {
+        let cfg = &self.cfg;
+        let dev = &*self.dev;
+        let (b, n, l, d) = (p.batch, p.n, p.ctx_len, cfg.hidden);
+        let (c, h, w, pz) = (cfg.in_channels, p.h, p.w, cfg.patch_size);
         let pr = &mut prof;
         timed(dev, pr, "embed (patchify+pos)", || {
             dev.patchify(p.x_in, p.patches, b, c, h, w, pz)?;
@@ -551,7 +610,6 @@ impl CudaMmdit {
             )
         })?;
         timed(dev, pr, "embed (t, y, context)", || {
-            let t = p.timesteps.sub(t_index * b, b)?;
             dev.timestep_embedding(t, p.tfreq, b, cfg.frequency_embedding_size)?;
             self.lin(p.tfreq, &self.t_emb.0, p.th, b, false)?;
             dev.silu(p.th, p.th, b * d)?;
@@ -711,6 +769,125 @@ impl CudaMmdit {
         self.dev.cfg_euler(p.z, p.v_out, nout, cfg_scale, dsigma)
     }
 
+    /// The sampling loop on device: `sigmas.len() − 1` CFG + Euler steps (step i: timestep slot
+    /// i of [`StepPlan::set_timesteps`], `dsigma = sigmas[i+1] − sigmas[i]`), on the latent of
+    /// [`StepPlan::set_latent`] and the uploaded conditions. The schedule is device-resident
+    /// (a step counter that the step's first kernel reads and advances), so every step runs
+    /// the same launches: with [`Options::cuda_graph`] the first step runs eagerly (it warms
+    /// the GEMM plans and lazily loaded kernels), the second is captured as a CUDA graph and
+    /// every following step (and every step of later calls with the same model, options, CFG
+    /// scale and conditions layout) replays it. A failed capture (e.g. an older driver) falls
+    /// back to eager steps with a one-line warning.
+    pub fn sample(&self, p: &mut StepPlan, cfg_scale: f32, sigmas: &[f32]) -> Result<SampleReport> {
+        let steps = sigmas.len().saturating_sub(1);
+        let mut rep = SampleReport {
+            steps,
+            ..SampleReport::default()
+        };
+        if steps == 0 {
+            return Ok(rep);
+        }
+        if p.batch % 2 != 0 {
+            return Err(Error::Arg(
+                "CFG step needs an even batch (cond ; uncond)".into(),
+            ));
+        }
+        if steps > p.steps {
+            return Err(Error::Arg(format!(
+                "{steps} sampling steps for a plan of {} steps",
+                p.steps
+            )));
+        }
+        let ds: Vec<f32> = sigmas.windows(2).map(|w| w[1] - w[0]).collect();
+        self.dev.upload_f32(p.dsigmas.sub(0, steps)?, &ds)?;
+        self.dev.upload_i32(p.counter, &[0])?;
+        let mut done = 0;
+        if self.opts.cuda_graph {
+            let key = GraphKey {
+                weights: self.weights_buf.ptr(),
+                opts: self.opts,
+                cfg_bits: cfg_scale.to_bits(),
+                has_lq: p.has_lq,
+            };
+            if p.graph.as_ref().map(|g| g.key) != Some(key) {
+                p.graph = None;
+                self.step_scheduled(p, cfg_scale)?;
+                done += 1;
+                if done < steps {
+                    match self.capture_step(p, cfg_scale) {
+                        Ok(graph) => {
+                            p.graph = Some(StepGraph { key, graph });
+                            rep.captured = true;
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "warning: CUDA graph capture failed ({e}); running the steps eagerly"
+                            );
+                            rep.fallback = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            if let Some(g) = &p.graph {
+                while done < steps {
+                    g.graph
+                        .launch()
+                        .map_err(|e| Error::Cuda(format!("CUDA graph launch: {e:?}")))?;
+                    done += 1;
+                    rep.replays += 1;
+                }
+            }
+        }
+        while done < steps {
+            self.step_scheduled(p, cfg_scale)?;
+            done += 1;
+        }
+        Ok(rep)
+    }
+
+    /// One step on the device-resident schedule: `schedule_step` (t, dsigma of the counter's
+    /// slot; counter + 1), `x_in = [z ; z]`, forward, CFG + Euler. The launches are the same
+    /// for every step, which is what lets one captured graph serve them all.
+    fn step_scheduled(&self, p: &StepPlan, cfg_scale: f32) -> Result<()> {
+        self.dev.schedule_step(
+            p.timesteps,
+            p.dsigmas,
+            p.counter,
+            p.t_cur,
+            p.dsigma_cur,
+            p.batch,
+            p.steps,
+        )?;
+        let half = p.x_in.len / 2;
+        self.dev.copy(p.x_in, p.z, half)?;
+        self.dev.copy(p.x_in.sub(half, half)?, p.z, half)?;
+        self.forward_t(p, p.t_cur, None)?;
+        let nout = p.v_out.len / 2;
+        self.dev
+            .cfg_euler_dev(p.z, p.v_out, nout, cfg_scale, p.dsigma_cur)
+    }
+
+    /// Captures [`CudaMmdit::step_scheduled`] as a CUDA graph (nothing executes) and
+    /// instantiates it. The stream leaves capture mode on every path.
+    fn capture_step(&self, p: &StepPlan, cfg_scale: f32) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let dev = &*self.dev;
+        dev.synchronize()?;
+        dev.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::Cuda(format!("begin capture: {e:?}")))?;
+        let body = self.step_scheduled(p, cfg_scale);
+        let end = dev.stream.end_capture(CUgraphInstantiate_flags(0));
+        body?;
+        let graph = end
+            .map_err(|e| Error::Cuda(format!("end capture: {e:?}")))?
+            .ok_or_else(|| Error::Cuda("capture produced no graph".into()))?;
+        graph
+            .upload()
+            .map_err(|e| Error::Cuda(format!("graph upload: {e:?}")))?;
+        Ok(graph)
+    }
+
     /// [`CudaMmdit::forward`] with a fresh plan (use after changing [`CudaMmdit::opts`], since
     /// the attention path decides the plan's scratch).
     pub fn forward_fresh(
@@ -787,6 +964,9 @@ fn timed(
     name: &'static str,
     f: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
+    // One NVTX range per op while profiling, or always with DPIR_NVTX=1 (a no-op without
+    // libnvToolsExt); closed when `_range` drops, after the op's launches.
+    let _range = (prof.is_some() || nvtx::env_enabled()).then(|| nvtx::Range::push(name));
     match prof {
         None => f(),
         Some(pr) => {
@@ -808,13 +988,49 @@ fn timed(
     }
 }
 
-/// Scratch of the unfused attention fallback.
+/// How [`CudaMmdit::sample`] ran its steps.
+#[derive(Clone, Debug, Default)]
+pub struct SampleReport {
+    /// Steps run.
+    pub steps: usize,
+    /// Whether this call captured a new graph.
+    pub captured: bool,
+    /// Steps that were graph replays (the others ran eagerly).
+    pub replays: usize,
+    /// Why the capture failed, when it did (the steps then ran eagerly).
+    pub fallback: Option<String>,
+}
+
+/// What a captured step depends on beyond the plan's buffers: the model (its weight
+/// pointers), the options (kernels and launch shapes), the CFG scale (a kernel argument) and
+/// whether the LQ injection runs (extra launches).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GraphKey {
+    weights: u64,
+    opts: Options,
+    cfg_bits: u32,
+    has_lq: bool,
+}
+
+/// A captured step and what it was captured for.
+struct StepGraph {
+    key: GraphKey,
+    graph: cudarc::driver::CudaGraph,
+}
+// SAFETY: a graph exec may be launched from any thread as long as calls on it are not
+// concurrent; the plan owning it is only used through `&mut` (capture, replay in `sample`), so
+// moving it between threads keeps the calls serialised. (Not `Sync`.)
+unsafe impl Send for StepGraph {}
+
+/// Scratch of the unfused attention fallback: q, k, v, o `[b, heads, L, hd]` bf16, the
+/// scores `[b·heads, L, L]` in f32 and the probabilities in bf16.
 pub struct AttnScratch {
     q: DView<Bf16>,
     k: DView<Bf16>,
     v: DView<Bf16>,
     o: DView<Bf16>,
-    s: DView<Bf16>,
+    s: DView<f32>,
+    p: DView<Bf16>,
 }
 
 /// Every activation of one forward at a fixed (batch, h, w, context length), carved from one
@@ -864,11 +1080,48 @@ pub struct StepPlan {
     lq_stats: [DView<f32>; 4],
     has_lq: bool,
     attn_scratch: Option<AttnScratch>,
+    /// The timesteps `[b]` of the current step (copied from `timesteps` by `schedule_step`).
+    t_cur: DView<f32>,
+    /// `sigma[i+1] − sigma[i]` of every step, uploaded by [`CudaMmdit::sample`].
+    dsigmas: DView<f32>,
+    /// The current step's dsigma.
+    dsigma_cur: DView<f32>,
+    /// The device step counter `schedule_step` reads and advances.
+    counter: DView<i32>,
+    /// The captured step (dropped before the arena it points into).
+    graph: Option<StepGraph>,
     _arena: DeviceBuffer,
 }
 
+/// What [`StepPlan::new`] sizes before it carves.
+struct Sizes {
+    total: usize,
+    n: usize,
+    steps: usize,
+    ml: usize,
+    max_mods: usize,
+    heads: usize,
+    hd: usize,
+    lt: usize,
+    unfused: bool,
+    oc: usize,
+}
+
 impl StepPlan {
-    fn new(m: &CudaMmdit, b: usize, h: usize, w: usize, l: usize, steps: usize) -> Result<Self> {
+    /// Bytes of the arena a plan for (batch, latent h × w, context length, steps) takes,
+    /// without allocating it: the tile chooser sizes tiles to the free device memory.
+    pub fn bytes_for(
+        m: &CudaMmdit,
+        b: usize,
+        h: usize,
+        w: usize,
+        l: usize,
+        steps: usize,
+    ) -> Result<usize> {
+        Self::sizes(m, b, h, w, l, steps).map(|s| s.total)
+    }
+
+    fn sizes(m: &CudaMmdit, b: usize, h: usize, w: usize, l: usize, steps: usize) -> Result<Sizes> {
         let cfg = &m.cfg;
         let (d, pz, c) = (cfg.hidden, cfg.patch_size, cfg.in_channels);
         if b == 0 || h % pz != 0 || w % pz != 0 || h == 0 || w == 0 {
@@ -911,9 +1164,41 @@ impl StepPlan {
         total +=
             bf(b * ml * d) + bf(b * ml * cfg.mlp_hidden) + bf(b * 2 * d) + bf(b * n * pz * pz * oc);
         total += bf(b * n * d) + f4(d) + 4 * f4(b * d);
+        // Device-resident schedule: t_cur [b], dsigmas [steps], dsigma_cur [1], counter [1].
+        total += f4(b) + f4(steps) + f4(1) + arena_bytes::<i32>(1);
         if unfused {
-            total += 4 * bf(b * heads * lt * hd) + bf(b * heads * lt * lt);
+            total +=
+                4 * bf(b * heads * lt * hd) + f4(b * heads * lt * lt) + bf(b * heads * lt * lt);
         }
+        Ok(Sizes {
+            total,
+            n,
+            steps,
+            ml,
+            max_mods,
+            heads,
+            hd,
+            lt,
+            unfused,
+            oc,
+        })
+    }
+
+    fn new(m: &CudaMmdit, b: usize, h: usize, w: usize, l: usize, steps: usize) -> Result<Self> {
+        let cfg = &m.cfg;
+        let (d, pz, c) = (cfg.hidden, cfg.patch_size, cfg.in_channels);
+        let Sizes {
+            total,
+            n,
+            steps,
+            ml,
+            max_mods,
+            heads,
+            hd,
+            lt,
+            unfused,
+            oc,
+        } = Self::sizes(m, b, h, w, l, steps)?;
         let buf = m.dev.alloc(total)?;
         let mut a = Arena::new(buf);
         let x_in = a.carve::<f32>(b * c * h * w)?;
@@ -955,13 +1240,18 @@ impl StepPlan {
             a.carve::<f32>(b * d)?,
             a.carve::<f32>(b * d)?,
         ];
+        let t_cur = a.carve::<f32>(b)?;
+        let dsigmas = a.carve::<f32>(steps)?;
+        let dsigma_cur = a.carve::<f32>(1)?;
+        let counter = a.carve::<i32>(1)?;
         let attn_scratch = if unfused {
             Some(AttnScratch {
                 q: a.carve(b * heads * lt * hd)?,
                 k: a.carve(b * heads * lt * hd)?,
                 v: a.carve(b * heads * lt * hd)?,
                 o: a.carve(b * heads * lt * hd)?,
-                s: a.carve(b * heads * lt * lt)?,
+                s: a.carve::<f32>(b * heads * lt * lt)?,
+                p: a.carve(b * heads * lt * lt)?,
             })
         } else {
             None
@@ -1010,6 +1300,11 @@ impl StepPlan {
             lq_stats,
             has_lq: false,
             attn_scratch,
+            t_cur,
+            dsigmas,
+            dsigma_cur,
+            counter,
+            graph: None,
             _arena: a.buffer,
         })
     }

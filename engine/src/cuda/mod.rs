@@ -11,11 +11,19 @@
 pub mod device;
 pub mod gemm;
 pub mod mmdit;
+pub mod nvtx;
+// `#[macro_use]`: the `launch!` macro of `ops` also serves `vae_ops`.
+#[macro_use]
 pub mod ops;
+pub mod restorer;
+pub mod vae;
+mod vae_ops;
 
 pub use device::{Bf16, CudaDevice, DView, DeviceBuffer, Timer};
 pub use gemm::{Epilogue, Gemm};
 pub use mmdit::{CudaMmdit, StepPlan};
+pub use restorer::CudaRestorer;
+pub use vae::{CudaVaeDecoder, CudaVaeEncoder};
 
 /// Whether a CUDA driver library can be loaded on this machine (no device is touched).
 pub fn driver_present() -> bool {

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 const BLOCK: u32 = 256;
 
-fn grid_for(n: usize, per_block: usize) -> Result<u32> {
+pub(super) fn grid_for(n: usize, per_block: usize) -> Result<u32> {
     let g = n.div_ceil(per_block);
     u32::try_from(g).map_err(|_| Error::Cuda(format!("grid of {g} blocks is too large")))
 }
@@ -23,7 +23,7 @@ fn cfg1(n: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn int(v: usize, what: &str) -> Result<i32> {
+pub(super) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Cuda(format!("{what} = {v} does not fit an int")))
 }
 
@@ -46,6 +46,71 @@ macro_rules! launch {
         // arguments match the kernel's C signature in number, order and type.
         unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| derr($name, e))
     }};
+}
+
+/// Which instantiation of the fused joint attention kernel runs: the same template body and
+/// math (bit-identical results are not guaranteed, only the same reference tolerance), the same
+/// grid and shared memory, a different split of the 128 query rows of a CTA among warps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AttnVariant {
+    /// 8 warps × 16 query rows (256 threads, ≤ 128 registers): `joint_attn_hd64_bf16(_qknorm)`.
+    W8,
+    /// 4 warps × 32 query rows (128 threads, ≤ 255 registers): `joint_attn_hd64_w4_bf16(_qknorm)`.
+    /// Faster on the H100 (296 vs 267 TFLOP/s at SD3-medium 1024² CFG), the default.
+    #[default]
+    W4,
+}
+
+impl AttnVariant {
+    /// Both variants, for tests and benchmarks.
+    pub const ALL: [AttnVariant; 2] = [AttnVariant::W8, AttnVariant::W4];
+
+    /// Short name (`w8`, `w4`), as `DPIR_ATTN_VARIANT` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnVariant::W8 => "w8",
+            AttnVariant::W4 => "w4",
+        }
+    }
+
+    /// Parses `w8` / `w4`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "w8" => Some(AttnVariant::W8),
+            "w4" => Some(AttnVariant::W4),
+            _ => None,
+        }
+    }
+
+    /// The kernel's exported name.
+    pub fn kernel(self, qknorm: bool) -> &'static str {
+        match (self, qknorm) {
+            (AttnVariant::W8, false) => "joint_attn_hd64_bf16",
+            (AttnVariant::W8, true) => "joint_attn_hd64_bf16_qknorm",
+            (AttnVariant::W4, false) => "joint_attn_hd64_w4_bf16",
+            (AttnVariant::W4, true) => "joint_attn_hd64_w4_bf16_qknorm",
+        }
+    }
+
+    /// Threads per CTA (`JOINT_ATTN_HD64_THREADS` / `JOINT_ATTN_HD64_W4_THREADS`).
+    pub fn threads(self) -> u32 {
+        match self {
+            AttnVariant::W8 => 256,
+            AttnVariant::W4 => 128,
+        }
+    }
+
+    /// Query rows per CTA (`JOINT_ATTN_HD64_BLOCK_M`, the same for both).
+    pub fn block_m(self) -> usize {
+        128
+    }
+
+    /// Dynamic shared memory (`JOINT_ATTN_HD64_SMEM_BYTES`: the Q tile plus double-buffered
+    /// K and V tiles of 64 keys, head_dim 64, bf16), the same for both.
+    pub fn smem_bytes(self) -> u32 {
+        const BLOCK_N: usize = 64;
+        ((self.block_m() + 4 * BLOCK_N) * 64 * 2) as u32
+    }
 }
 
 impl CudaDevice {
@@ -446,6 +511,39 @@ impl CudaDevice {
         launch!(self, "softmax_rows_bf16", cfg, s.ptr, r, c, scale)
     }
 
+    /// `p = softmax(scale · s)` per row: f32 scores `s [rows, cols]` → bf16 probabilities
+    /// `p [rows, cols]` (a separate buffer).
+    pub fn softmax_rows_f32(
+        &self,
+        s: DView<f32>,
+        p: DView<Bf16>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+    ) -> Result<()> {
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        s.need(rows * cols, "softmax s")?;
+        p.need(rows * cols, "softmax p")?;
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows, "rows")? as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c) = (int(rows, "rows")?, int(cols, "cols")?);
+        launch!(
+            self,
+            "softmax_rows_f32_bf16",
+            cfg,
+            s.ptr,
+            p.ptr,
+            r,
+            c,
+            scale
+        )
+    }
+
     /// Latent `[b, c, h, w]` f32 → patch rows `[b·(h/p)·(w/p), c·p·p]` bf16.
     #[allow(clippy::too_many_arguments)]
     pub fn patchify(
@@ -599,6 +697,76 @@ impl CudaDevice {
         )
     }
 
+    /// [`CudaDevice::cfg_euler`] with `dsigma` read from device memory (`dsigma[0]`), so a
+    /// captured CUDA graph serves every step.
+    pub fn cfg_euler_dev(
+        &self,
+        z: DView<f32>,
+        v: DView<f32>,
+        n: usize,
+        cfg: f32,
+        dsigma: DView<f32>,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        z.need(n, "euler z")?;
+        v.need(2 * n, "euler v")?;
+        dsigma.need(1, "euler dsigma")?;
+        let nn = n as u64;
+        launch!(
+            self,
+            "cfg_euler_dsig_f32",
+            cfg1(n)?,
+            z.ptr,
+            v.ptr,
+            nn,
+            cfg,
+            dsigma.ptr
+        )
+    }
+
+    /// The device-resident schedule: `idx = min(counter, steps − 1)`;
+    /// `t_cur = timesteps[idx·b .. +b]`, `dsigma_cur = dsigmas[idx]`, then `counter = idx + 1`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn schedule_step(
+        &self,
+        timesteps: DView<f32>,
+        dsigmas: DView<f32>,
+        counter: DView<i32>,
+        t_cur: DView<f32>,
+        dsigma_cur: DView<f32>,
+        b: usize,
+        steps: usize,
+    ) -> Result<()> {
+        check(steps > 0 && b > 0, || {
+            format!("schedule_step: batch {b}, {steps} steps")
+        })?;
+        timesteps.need(steps * b, "schedule timesteps")?;
+        dsigmas.need(steps, "schedule dsigmas")?;
+        counter.need(1, "schedule counter")?;
+        t_cur.need(b, "schedule t_cur")?;
+        dsigma_cur.need(1, "schedule dsigma_cur")?;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (bb, st) = (int(b, "b")?, int(steps, "steps")?);
+        launch!(
+            self,
+            "schedule_step_f32",
+            cfg,
+            timesteps.ptr,
+            dsigmas.ptr,
+            counter.ptr,
+            t_cur.ptr,
+            dsigma_cur.ptr,
+            bb,
+            st
+        )
+    }
+
     /// `out = vu + cfg·(vc − vu)`, v = `[cond (n) ; uncond (n)]`.
     pub fn cfg_combine(&self, v: DView<f32>, out: DView<f32>, n: usize, cfg: f32) -> Result<()> {
         if n == 0 {
@@ -700,9 +868,9 @@ impl CudaDevice {
         )
     }
 
-    /// Fused joint flash attention (`kernels/cuda/attention.cu`), head_dim 64. `qkv_a` may be
-    /// empty (la = 0). With `qknorm = Some([w_qa, w_ka, w_qb, w_kb])` the fused qk-RMSNorm
-    /// variant runs. Launch: grid (ceil((la + lb) / 128), heads, b), block 256, 49152 B smem.
+    /// Fused joint flash attention (`kernels/cuda/attention.cu`), head_dim 64, with the
+    /// default instantiation ([`AttnVariant::default`]); see
+    /// [`CudaDevice::joint_attention_fused_with`].
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_fused(
         &self,
@@ -717,9 +885,42 @@ impl CudaDevice {
         scale: f32,
         qknorm: Option<[DView<f32>; 4]>,
     ) -> Result<()> {
+        self.joint_attention_fused_with(
+            AttnVariant::default(),
+            qkv_a,
+            qkv_b,
+            out_a,
+            out_b,
+            b,
+            la,
+            lb,
+            heads,
+            scale,
+            qknorm,
+        )
+    }
+
+    /// Fused joint flash attention (`kernels/cuda/attention.cu`), head_dim 64, instantiation
+    /// `variant`. `qkv_a` may be empty (la = 0). With `qknorm = Some([w_qa, w_ka, w_qb, w_kb])`
+    /// the fused qk-RMSNorm variant runs. Launch: grid (ceil((la + lb) / 128), heads, b),
+    /// block [`AttnVariant::threads`], 49152 B dynamic shared memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn joint_attention_fused_with(
+        &self,
+        variant: AttnVariant,
+        qkv_a: DView<Bf16>,
+        qkv_b: DView<Bf16>,
+        out_a: DView<Bf16>,
+        out_b: DView<Bf16>,
+        b: usize,
+        la: usize,
+        lb: usize,
+        heads: usize,
+        scale: f32,
+        qknorm: Option<[DView<f32>; 4]>,
+    ) -> Result<()> {
         const HD: usize = 64;
-        const BLOCK_M: usize = 128;
-        const SMEM: u32 = ((128 + 4 * 64) * 64 * 2) as u32;
+        let block_m = variant.block_m();
         let l = la + lb;
         if b * l * heads == 0 {
             return Ok(());
@@ -730,12 +931,12 @@ impl CudaDevice {
         out_b.need(b * lb * heads * HD, "attn out_b")?;
         let cfg = LaunchConfig {
             grid_dim: (
-                grid_for(l, BLOCK_M)?,
+                grid_for(l, block_m)?,
                 int(heads, "heads")? as u32,
                 int(b, "b")? as u32,
             ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: SMEM,
+            block_dim: (variant.threads(), 1, 1),
+            shared_mem_bytes: variant.smem_bytes(),
         };
         let (bb, a, bl, h) = (
             int(b, "b")?,
@@ -752,7 +953,7 @@ impl CudaDevice {
         match qknorm {
             None => launch!(
                 self,
-                "joint_attn_hd64_bf16",
+                variant.kernel(false),
                 cfg,
                 pa,
                 qkv_b.ptr,
@@ -771,7 +972,7 @@ impl CudaDevice {
                 let [wqa, wka, wqb, wkb] = w;
                 launch!(
                     self,
-                    "joint_attn_hd64_bf16_qknorm",
+                    variant.kernel(true),
                     cfg,
                     pa,
                     qkv_b.ptr,

@@ -47,30 +47,107 @@ pub struct Configs {
     pub robust: Option<VaeConfig>,
 }
 
-pub struct CpuRestorer {
-    pub mmdit: Mmdit,
+/// Every part of DPIR except the MMDiT, on the CPU: robust VAE encoder, VAE decoder, CLIP
+/// vision and DPIR's own parts (LQ branch, prompt adapters, alignment gate). The CPU
+/// restorer pairs it with the CPU MMDiT, the CUDA restorer with the GPU one.
+pub struct CpuParts {
     pub dpir: Dpir,
-    encoder: VaeEncoder,
+    /// `None` when another backend runs the VAE.
+    encoder: Option<VaeEncoder>,
     encoder_cfg: VaeConfig,
-    decoder: VaeDecoder,
+    decoder: Option<VaeDecoder>,
     decoder_cfg: VaeConfig,
     clip: ClipVision,
     cfgs: Configs,
+}
+
+/// The CPU reference backend: the f32 MMDiT and [`CpuParts`].
+pub struct CpuRestorer {
+    pub mmdit: Mmdit,
+    pub parts: CpuParts,
+}
+
+fn no_vae(part: &str) -> Error {
+    Error::Model(format!("the VAE {part} is not loaded on the CPU"))
 }
 
 fn mismatch(what: &str, a: usize, b: usize) -> Error {
     Error::Model(format!("not a consistent DPIR model: {what} ({a} vs {b})"))
 }
 
-impl CpuRestorer {
-    /// Assemble from weight sources (canonical names; the robust encoder under `encoder.*`).
+/// The weight sources of a loaded model, with its configs.
+pub struct ModelSources<'a> {
+    pub cfgs: Configs,
+    pub mmdit: ComponentSource<'a>,
+    pub vae: ComponentSource<'a>,
+    pub clip: ComponentSource<'a>,
+    pub dpir: ComponentSource<'a>,
+    /// The robust encoder (`encoder.*`), when separate from the VAE.
+    pub robust: Option<ComponentSource<'a>>,
+}
+
+impl<'a> ModelSources<'a> {
+    /// What the loader found; names the first missing part.
+    pub fn new(model: &'a dpir_loader::Model) -> Result<Self> {
+        let missing =
+            |what: &str| Error::Model(format!("not a DPIR model: no {what} weights found"));
+        let mmdit = model.mmdit.as_ref().ok_or_else(|| missing("MMDiT"))?;
+        let vae = model.vae.as_ref().ok_or_else(|| missing("VAE"))?;
+        let clip = model
+            .clip_vision
+            .as_ref()
+            .ok_or_else(|| missing("CLIP vision"))?;
+        let dpir = model
+            .dpir
+            .as_ref()
+            .ok_or_else(|| missing("DPIR (lq_branch, prompt adapters)"))?;
+        Ok(Self {
+            cfgs: Configs {
+                mmdit: mmdit.config.clone(),
+                vae: vae.config.clone(),
+                clip: clip.config.clone(),
+                dpir: dpir.config.clone(),
+                robust: model.robust_encoder.as_ref().map(|r| r.config.clone()),
+            },
+            mmdit: ComponentSource(&mmdit.weights),
+            vae: ComponentSource(&vae.weights),
+            clip: ComponentSource(&clip.weights),
+            dpir: ComponentSource(&dpir.weights),
+            robust: model
+                .robust_encoder
+                .as_ref()
+                .map(|r| ComponentSource(&r.weights)),
+        })
+    }
+
+    pub fn robust(&self) -> Option<&dyn WeightSource> {
+        self.robust.as_ref().map(|r| r as &dyn WeightSource)
+    }
+}
+
+impl CpuParts {
+    /// Assemble from weight sources (canonical names; the robust encoder under `encoder.*`),
+    /// after checking that the four configs describe one consistent model.
     pub fn from_sources(
         cfgs: Configs,
-        mmdit: &dyn WeightSource,
         vae: &dyn WeightSource,
         clip: &dyn WeightSource,
         dpir: &dyn WeightSource,
         robust: Option<&dyn WeightSource>,
+    ) -> Result<Self> {
+        Self::assemble(cfgs, vae, clip, dpir, robust, true)
+    }
+
+    /// As [`CpuParts::from_sources`]; `with_vae == false` checks the VAE configs but loads
+    /// no VAE weights (another backend runs the VAE; [`CpuParts::encode_lq`] and
+    /// [`CpuParts::decode`] then answer an error).
+    pub fn assemble(
+        cfgs: Configs,
+        vae: &dyn WeightSource,
+        clip: &dyn WeightSource,
+        dpir: &dyn WeightSource,
+        robust: Option<&dyn WeightSource>,
+        with_vae: bool,
     ) -> Result<Self> {
         let (m, v, c, d) = (&cfgs.mmdit, &cfgs.vae, &cfgs.clip, &cfgs.dpir);
         let checks = [
@@ -137,9 +214,15 @@ impl CpuRestorer {
                         v.latent_channels,
                     ));
                 }
-                (VaeEncoder::load(rc, rw)?, rc.clone())
+                (
+                    with_vae.then(|| VaeEncoder::load(rc, rw)).transpose()?,
+                    rc.clone(),
+                )
             }
-            _ if v.has_encoder => (VaeEncoder::load(v, vae)?, v.clone()),
+            _ if v.has_encoder => (
+                with_vae.then(|| VaeEncoder::load(v, vae)).transpose()?,
+                v.clone(),
+            ),
             _ => {
                 return Err(Error::Model(
                     "not a DPIR model: no robust encoder and no VAE encoder".into(),
@@ -147,46 +230,14 @@ impl CpuRestorer {
             }
         };
         Ok(Self {
-            mmdit: Mmdit::load(m, mmdit)?,
             dpir: Dpir::load(d, dpir)?,
             encoder,
             encoder_cfg,
-            decoder: VaeDecoder::load(v, vae)?,
+            decoder: with_vae.then(|| VaeDecoder::load(v, vae)).transpose()?,
             decoder_cfg: v.clone(),
             clip: ClipVision::load(c, clip)?,
             cfgs,
         })
-    }
-
-    /// Assemble from what the loader found; names the first missing part.
-    pub fn from_model(model: dpir_loader::Model) -> Result<Self> {
-        let missing =
-            |what: &str| Error::Model(format!("not a DPIR model: no {what} weights found"));
-        let mmdit = model.mmdit.ok_or_else(|| missing("MMDiT"))?;
-        let vae = model.vae.ok_or_else(|| missing("VAE"))?;
-        let clip = model.clip_vision.ok_or_else(|| missing("CLIP vision"))?;
-        let dpir = model
-            .dpir
-            .ok_or_else(|| missing("DPIR (lq_branch, prompt adapters)"))?;
-        let cfgs = Configs {
-            mmdit: mmdit.config.clone(),
-            vae: vae.config.clone(),
-            clip: clip.config.clone(),
-            dpir: dpir.config.clone(),
-            robust: model.robust_encoder.as_ref().map(|r| r.config.clone()),
-        };
-        let robust = model
-            .robust_encoder
-            .as_ref()
-            .map(|r| ComponentSource(&r.weights));
-        Self::from_sources(
-            cfgs,
-            &ComponentSource(&mmdit.weights),
-            &ComponentSource(&vae.weights),
-            &ComponentSource(&clip.weights),
-            &ComponentSource(&dpir.weights),
-            robust.as_ref().map(|r| r as &dyn WeightSource),
-        )
     }
 
     pub fn configs(&self) -> &Configs {
@@ -198,27 +249,9 @@ impl CpuRestorer {
         let g = self.cfgs.clip.image_size / self.cfgs.clip.patch_size.max(1);
         g * g
     }
-}
 
-impl Denoiser for CpuRestorer {
-    fn velocity(
-        &mut self,
-        z: &Tensor,
-        timestep: &[f32],
-        y: &Tensor,
-        context: &Tensor,
-        lq_tokens: &Tensor,
-    ) -> Result<Tensor> {
-        let lq = LqInject {
-            tokens: lq_tokens,
-            gate: &self.dpir.gate,
-        };
-        self.mmdit.forward(z, timestep, y, context, Some(lq))
-    }
-}
-
-impl Restorer for CpuRestorer {
-    fn dims(&self) -> ModelDims {
+    /// The pipeline's sizes, read from the MMDiT config.
+    pub fn dims(&self) -> ModelDims {
         let m = &self.cfgs.mmdit;
         ModelDims {
             latent_channels: m.in_channels,
@@ -229,23 +262,34 @@ impl Restorer for CpuRestorer {
         }
     }
 
-    fn encode_lq(&mut self, image: &Tensor) -> Result<Tensor> {
-        let mut z = self.encoder.encode(image)?;
+    /// The config of the encoder that encodes the LQ image (the robust one when present).
+    pub fn encoder_config(&self) -> &VaeConfig {
+        &self.encoder_cfg
+    }
+
+    /// See [`Restorer::encode_lq`].
+    pub fn encode_lq(&self, image: &Tensor) -> Result<Tensor> {
+        let enc = self.encoder.as_ref().ok_or_else(|| no_vae("encoder"))?;
+        let mut z = enc.encode(image)?;
         to_model_latent(&mut z, &self.encoder_cfg);
         Ok(z)
     }
 
-    fn decode(&mut self, z: &Tensor) -> Result<Tensor> {
+    /// See [`Restorer::decode`].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let mut z = z.clone();
         from_model_latent(&mut z, &self.decoder_cfg);
-        self.decoder.decode(&z)
+        let dec = self.decoder.as_ref().ok_or_else(|| no_vae("decoder"))?;
+        dec.decode(&z)
     }
 
-    fn lq_tokens(&mut self, z_lq: &Tensor) -> Result<Tensor> {
+    /// See [`Restorer::lq_tokens`].
+    pub fn lq_tokens(&self, z_lq: &Tensor) -> Result<Tensor> {
         self.dpir.lq_branch.forward(z_lq)
     }
 
-    fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor> {
+    /// See [`Restorer::local_prompt`].
+    pub fn local_prompt(&self, region: &Tensor) -> Result<Tensor> {
         let s = self.cfgs.clip.image_size;
         let px = preprocess(region, s)?.reshape(&[1, 3, s, s])?;
         let out = self.clip.forward(&px)?;
@@ -261,7 +305,8 @@ impl Restorer for CpuRestorer {
         ctx.reshape(&shape)
     }
 
-    fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor> {
+    /// See [`Restorer::global_prompt`].
+    pub fn global_prompt(&self, image: &Tensor) -> Result<Tensor> {
         let s = self.cfgs.clip.image_size;
         let px = preprocess(image, s)?.reshape(&[1, 3, s, s])?;
         let out = self.clip.forward(&px)?;
@@ -270,28 +315,24 @@ impl Restorer for CpuRestorer {
         y.reshape(&[n])
     }
 
-    fn weight_bytes(&self) -> u64 {
+    /// Parameters held here: CLIP vision, DPIR's parts and, when loaded, the VAE.
+    pub fn param_count(&self) -> usize {
         use dpir_loader::{
-            clip_vision_spec, dpir_spec, mmdit_spec, param_count, vae_decoder_spec,
-            vae_encoder_spec,
+            clip_vision_spec, dpir_spec, param_count, vae_decoder_spec, vae_encoder_spec,
         };
         let c = &self.cfgs;
-        let params = param_count(&mmdit_spec(&c.mmdit))
-            + param_count(&vae_decoder_spec(&c.vae))
-            + param_count(&vae_encoder_spec(&self.encoder_cfg, "encoder"))
-            + param_count(&clip_vision_spec(&c.clip))
-            + param_count(&dpir_spec(&c.dpir));
-        4 * params as u64
+        let mut n = param_count(&clip_vision_spec(&c.clip)) + param_count(&dpir_spec(&c.dpir));
+        if self.decoder.is_some() {
+            n += param_count(&vae_decoder_spec(&c.vae));
+        }
+        if self.encoder.is_some() {
+            n += param_count(&vae_encoder_spec(&self.encoder_cfg, "encoder"));
+        }
+        n
     }
 
-    /// Peak f32 activations of one guided MMDiT call on a `tile_h × tile_w` latent tile,
-    /// or of the VAE decoder on that tile, whichever is larger.
-    fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
-        let m = &self.cfgs.mmdit;
-        let n = (tile_h / m.patch_size.max(1)) * (tile_w / m.patch_size.max(1));
-        let t = n + context_len;
-        // Modulated input, fused qkv, joint qkv, attention out, k/v panels, MLP hidden.
-        let dit = batch * t * (m.hidden * 14 + m.mlp_hidden);
+    /// Peak f32 activations of the VAE decoder on a `tile_h × tile_w` latent tile.
+    pub fn vae_plan_bytes(&self, tile_h: usize, tile_w: usize) -> u64 {
         let top = self
             .cfgs
             .vae
@@ -299,7 +340,106 @@ impl Restorer for CpuRestorer {
             .first()
             .copied()
             .unwrap_or(128);
-        let vae = 3 * top * (tile_h * VAE_FACTOR) * (tile_w * VAE_FACTOR);
-        4 * dit.max(vae) as u64
+        4 * (3 * top * (tile_h * VAE_FACTOR) * (tile_w * VAE_FACTOR)) as u64
+    }
+}
+
+impl CpuRestorer {
+    /// Assemble from weight sources (canonical names; the robust encoder under `encoder.*`).
+    pub fn from_sources(
+        cfgs: Configs,
+        mmdit: &dyn WeightSource,
+        vae: &dyn WeightSource,
+        clip: &dyn WeightSource,
+        dpir: &dyn WeightSource,
+        robust: Option<&dyn WeightSource>,
+    ) -> Result<Self> {
+        let parts = CpuParts::from_sources(cfgs, vae, clip, dpir, robust)?;
+        Ok(Self {
+            mmdit: Mmdit::load(&parts.cfgs.mmdit, mmdit)?,
+            parts,
+        })
+    }
+
+    /// Assemble from what the loader found; names the first missing part.
+    pub fn from_model(model: dpir_loader::Model) -> Result<Self> {
+        let s = ModelSources::new(&model)?;
+        Self::from_sources(
+            s.cfgs.clone(),
+            &s.mmdit,
+            &s.vae,
+            &s.clip,
+            &s.dpir,
+            s.robust(),
+        )
+    }
+
+    pub fn configs(&self) -> &Configs {
+        self.parts.configs()
+    }
+
+    /// Local-prompt tokens per tile (CLIP patch count).
+    pub fn local_prompt_len(&self) -> usize {
+        self.parts.local_prompt_len()
+    }
+}
+
+impl Denoiser for CpuRestorer {
+    fn velocity(
+        &mut self,
+        z: &Tensor,
+        timestep: &[f32],
+        y: &Tensor,
+        context: &Tensor,
+        lq_tokens: &Tensor,
+    ) -> Result<Tensor> {
+        let lq = LqInject {
+            tokens: lq_tokens,
+            gate: &self.parts.dpir.gate,
+        };
+        self.mmdit.forward(z, timestep, y, context, Some(lq))
+    }
+}
+
+impl Restorer for CpuRestorer {
+    fn dims(&self) -> ModelDims {
+        self.parts.dims()
+    }
+
+    fn encode_lq(&mut self, image: &Tensor) -> Result<Tensor> {
+        self.parts.encode_lq(image)
+    }
+
+    fn decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        self.parts.decode(z)
+    }
+
+    fn lq_tokens(&mut self, z_lq: &Tensor) -> Result<Tensor> {
+        self.parts.lq_tokens(z_lq)
+    }
+
+    fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor> {
+        self.parts.local_prompt(region)
+    }
+
+    fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor> {
+        self.parts.global_prompt(image)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        let params = dpir_loader::param_count(&dpir_loader::mmdit_spec(&self.parts.cfgs.mmdit))
+            + self.parts.param_count();
+        4 * params as u64
+    }
+
+    /// Peak f32 activations of one guided MMDiT call on a `tile_h × tile_w` latent tile,
+    /// or of the VAE decoder on that tile, whichever is larger.
+    fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
+        let m = &self.parts.cfgs.mmdit;
+        let n = (tile_h / m.patch_size.max(1)) * (tile_w / m.patch_size.max(1));
+        let t = n + context_len;
+        // Modulated input, fused qkv, joint qkv, attention out, k/v panels, MLP hidden.
+        let dit = 4 * (batch * t * (m.hidden * 14 + m.mlp_hidden)) as u64;
+        dit.max(self.parts.vae_plan_bytes(tile_h, tile_w))
     }
 }

@@ -55,6 +55,27 @@ pub trait Restorer: Denoiser {
     fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor>;
     /// CLIP vision + global MLP on the whole image `[3, H, W]` in [-1, 1] → `[pooled]`.
     fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor>;
+    /// The whole guided Euler loop for an image that is one latent tile, run by the backend
+    /// without a host round trip per step: `z0 [C, h, w]`, the schedule from its start,
+    /// `y [pooled]`, `context [L, ctx]`, `lq_tokens [1, N, D]` → the final latent.
+    /// `Ok(None)`: the backend has no such loop and the pipeline runs its own.
+    fn sample_single_tile(
+        &mut self,
+        _z0: &Tensor,
+        _sigmas: &[f32],
+        _y: &Tensor,
+        _context: &Tensor,
+        _lq_tokens: &Tensor,
+        _cfg: f32,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// The largest square latent tile side (a multiple of the patch, at most the model's)
+    /// whose guided sampling fits the backend's free memory, for `context_len` tokens and
+    /// `steps` steps; `None`: memory is not the limit (the CPU).
+    fn memory_tile_limit(&self, _context_len: usize, _steps: usize) -> Option<usize> {
+        None
+    }
     /// Bytes of weights held.
     fn weight_bytes(&self) -> u64 {
         0
@@ -84,7 +105,7 @@ pub struct RestoreParams {
     pub color_fix: ColorFix,
     /// Diffusion tile side in pixels (a multiple of 16); `None`: the largest the model takes.
     pub tile: Option<usize>,
-    /// VAE tile side in pixels; `None`: `min(tile, 512)`.
+    /// VAE tile side in pixels; `None`: 512.
     pub vae_tile: Option<usize>,
     /// SD3 time shift.
     pub shift: f32,
@@ -175,7 +196,9 @@ pub fn plan(dims: &ModelDims, in_h: usize, in_w: usize, p: &RestoreParams) -> Re
     }
     let vae_tile_latent = match p.vae_tile {
         Some(t) => (t / VAE_FACTOR).max(1),
-        None => (tile_latent * VAE_FACTOR).min(DEFAULT_VAE_TILE) / VAE_FACTOR,
+        // Independent of the diffusion tile: the VAE has no positional grid, and a tile
+        // of 512 pixels keeps its activations bounded while re-encoding little overlap.
+        None => DEFAULT_VAE_TILE / VAE_FACTOR,
     };
     let vae_overlap = vae_tile_latent / 4;
     let vae_tiles = tiling::grid(lh, lw, vae_tile_latent, vae_overlap, 1);
@@ -400,17 +423,32 @@ pub fn restore<R: Restorer + ?Sized>(
         Tensor::new(&[c, lh, lw], data)?
     };
     drop(up);
-    let z = schedule::euler(z0, &plan.sigmas[plan.start..], |z, sigma| {
-        let mut blend = Blender::new(c, lh, lw);
-        for cond in &conds {
-            let t = cond.tile;
-            let zt = crop(z, t.y0, t.x0, t.h, t.w);
-            let lq_tokens = model.lq_tokens(&batched(&crop(&z_lq, t.y0, t.x0, t.h, t.w)))?;
-            let v = guided_velocity(model, &zt, sigma, &y, &cond.context, &lq_tokens, p.cfg)?;
-            blend.add(t, &v);
+    let sigmas = &plan.sigmas[plan.start..];
+    // LQ tokens are recomputed per tile and step (not held for every tile: memory stays
+    // bounded by the tile), except for the one-tile loop a backend may run on its own.
+    let tile_lq =
+        |model: &mut R, t: &Tile| model.lq_tokens(&batched(&crop(&z_lq, t.y0, t.x0, t.h, t.w)));
+    let on_device = match &conds[..] {
+        [one] if p.cfg != 1.0 => {
+            let lq_tokens = tile_lq(model, &one.tile)?;
+            model.sample_single_tile(&z0, sigmas, &y, &one.context, &lq_tokens, p.cfg)?
         }
-        Ok(blend.finish())
-    })?;
+        _ => None,
+    };
+    let z = match on_device {
+        Some(z) => z,
+        None => schedule::euler(z0, sigmas, |z, sigma| {
+            let mut blend = Blender::new(c, lh, lw);
+            for cond in &conds {
+                let t = cond.tile;
+                let zt = crop(z, t.y0, t.x0, t.h, t.w);
+                let lq_tokens = tile_lq(model, &t)?;
+                let v = guided_velocity(model, &zt, sigma, &y, &cond.context, &lq_tokens, p.cfg)?;
+                blend.add(t, &v);
+            }
+            Ok(blend.finish())
+        })?,
+    };
     drop(conds);
     drop(z_lq);
 

@@ -102,6 +102,13 @@ impl Mem {
         self.bufs.push(b);
         Ok(v)
     }
+    pub fn i32(&mut self, host: &[i32]) -> Result<DView<i32>, Error> {
+        let b = self.dev.alloc(host.len() * 4)?;
+        let v = b.view::<i32>().sub(0, host.len())?;
+        self.dev.upload_i32(v, host)?;
+        self.bufs.push(b);
+        Ok(v)
+    }
     /// An output buffer poisoned with NaN (0xFF bytes) so unwritten elements fail.
     pub fn out_bf16(&mut self, n: usize) -> Result<DView<Bf16>, Error> {
         let b = self.dev.alloc(n * 2)?;

@@ -1,0 +1,273 @@
+//! DPIR on the GPU as a [`Restorer`]: the MMDiT ([`CudaMmdit`]) and the VAE — robust
+//! encoder and decoder ([`CudaVaeEncoder`], [`CudaVaeDecoder`]) — run on the device; CLIP
+//! vision and DPIR's own small parts (LQ branch, prompt MLPs) run on the CPU
+//! ([`CpuParts`]): together a few percent of a restore. A VAE config the GPU kernels do not
+//! cover ([`super::vae::check_config`]), or `DPIR_CUDA_VAE=0`, keeps the VAE on the CPU.
+//!
+//! A one-tile image takes the device-resident sampler: the latent, the conditions and the
+//! whole timestep schedule are uploaded once, then every step (CFG batch of 2, guidance,
+//! Euler update) runs on the device with no host round trip and no device allocation, as
+//! one CUDA-graph replay per step ([`CudaMmdit::sample`]).
+//! Several tiles go through the pipeline's generic loop (one host round trip per tile and
+//! step, for the Gaussian blend).
+
+use std::sync::Arc;
+
+use super::device::CudaDevice;
+use super::mmdit::{CudaMmdit, StepPlan};
+use super::vae::{self, CudaVaeDecoder, CudaVaeEncoder};
+use crate::error::{Error, Result};
+use crate::models::mmdit::LqInject;
+use crate::models::vae::{from_model_latent, to_model_latent};
+use crate::pipeline::cpu::{Configs, CpuParts, ModelSources};
+use crate::pipeline::{Denoiser, ModelDims, Restorer};
+use crate::tensor::Tensor;
+use crate::weights::WeightSource;
+
+/// Schedule slots a sampler plan holds at least (so one plan serves any step count up to it).
+const PLAN_STEPS: usize = 64;
+/// Share of the free device memory the tile chooser plans for (the rest: cuBLASLt, the
+/// driver, fragmentation).
+const MEMORY_HEADROOM: f64 = 0.85;
+
+pub struct CudaRestorer {
+    pub mmdit: CudaMmdit,
+    pub parts: CpuParts,
+    /// The GPU VAE; `None`: `parts` holds the CPU one.
+    vae: Option<(CudaVaeEncoder, CudaVaeDecoder)>,
+    /// The sampler's plan for the last (latent h, w, context length, steps).
+    sampler: Option<StepPlan>,
+}
+
+impl CudaRestorer {
+    /// Assemble from weight sources (canonical names; the robust encoder under `encoder.*`).
+    pub fn from_sources(
+        dev: Arc<CudaDevice>,
+        cfgs: Configs,
+        mmdit: &dyn WeightSource,
+        vae: &dyn WeightSource,
+        clip: &dyn WeightSource,
+        dpir: &dyn WeightSource,
+        robust: Option<&dyn WeightSource>,
+    ) -> Result<Self> {
+        let enc_cfg = cfgs.robust.clone().unwrap_or_else(|| cfgs.vae.clone());
+        let gpu_vae = std::env::var("DPIR_CUDA_VAE").map_or(true, |v| v != "0")
+            && vae::check_config(&cfgs.vae).is_ok()
+            && vae::check_config(&enc_cfg).is_ok();
+        let parts = CpuParts::assemble(cfgs, vae, clip, dpir, robust, !gpu_vae)?;
+        let vae = if gpu_vae {
+            let enc_src = match (robust, &parts.configs().robust) {
+                (Some(r), Some(_)) => r,
+                _ => vae,
+            };
+            Some((
+                CudaVaeEncoder::load(dev.clone(), parts.encoder_config(), enc_src)?,
+                CudaVaeDecoder::load(dev.clone(), &parts.configs().vae, vae)?,
+            ))
+        } else {
+            None
+        };
+        let mmdit = CudaMmdit::load(dev, &parts.configs().mmdit, mmdit)?;
+        Ok(Self {
+            mmdit,
+            parts,
+            vae,
+            sampler: None,
+        })
+    }
+
+    /// Assemble from what the loader found; names the first missing part.
+    pub fn from_model(dev: Arc<CudaDevice>, model: &dpir_loader::Model) -> Result<Self> {
+        let s = ModelSources::new(model)?;
+        Self::from_sources(
+            dev,
+            s.cfgs.clone(),
+            &s.mmdit,
+            &s.vae,
+            &s.clip,
+            &s.dpir,
+            s.robust(),
+        )
+    }
+
+    /// Whether the VAE runs on the GPU.
+    pub fn gpu_vae(&self) -> bool {
+        self.vae.is_some()
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.mmdit.dev
+    }
+
+    /// A sampler plan for a CFG batch of 2 at (h, w, l, steps), reused when it fits.
+    fn sampler_plan(&mut self, h: usize, w: usize, l: usize, steps: usize) -> Result<StepPlan> {
+        match self.sampler.take() {
+            Some(p) if p.h == h && p.w == w && p.ctx_len == l && p.steps >= steps => Ok(p),
+            old => {
+                // Free the old arena before sizing the new one.
+                drop(old);
+                self.mmdit.plan(2, h, w, l, steps.max(PLAN_STEPS))
+            }
+        }
+    }
+}
+
+/// Rows of `a` followed by rows of `b` (same trailing shape), as one batch.
+fn concat_batch(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape[1..] != b.shape[1..] {
+        return Err(Error::Model(format!(
+            "cannot batch {:?} with {:?}",
+            a.shape, b.shape
+        )));
+    }
+    let mut shape = a.shape.clone();
+    shape[0] += b.shape[0];
+    let data = a.data.iter().chain(&b.data).copied().collect();
+    Tensor::new(&shape, data)
+}
+
+impl Denoiser for CudaRestorer {
+    fn velocity(
+        &mut self,
+        z: &Tensor,
+        timestep: &[f32],
+        y: &Tensor,
+        context: &Tensor,
+        lq_tokens: &Tensor,
+    ) -> Result<Tensor> {
+        let lq = LqInject {
+            tokens: lq_tokens,
+            gate: &self.parts.dpir.gate,
+        };
+        self.mmdit.forward(z, timestep, y, context, Some(lq))
+    }
+}
+
+impl Restorer for CudaRestorer {
+    fn dims(&self) -> ModelDims {
+        self.parts.dims()
+    }
+
+    fn encode_lq(&mut self, image: &Tensor) -> Result<Tensor> {
+        match &mut self.vae {
+            Some((enc, _)) => {
+                let mut z = enc.encode(image)?;
+                to_model_latent(&mut z, self.parts.encoder_config());
+                Ok(z)
+            }
+            None => self.parts.encode_lq(image),
+        }
+    }
+
+    fn decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        match &mut self.vae {
+            Some((_, dec)) => {
+                let mut z = z.clone();
+                from_model_latent(&mut z, &self.parts.configs().vae);
+                dec.decode(&z)
+            }
+            None => self.parts.decode(z),
+        }
+    }
+
+    fn lq_tokens(&mut self, z_lq: &Tensor) -> Result<Tensor> {
+        self.parts.lq_tokens(z_lq)
+    }
+
+    fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor> {
+        self.parts.local_prompt(region)
+    }
+
+    fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor> {
+        self.parts.global_prompt(image)
+    }
+
+    /// Device bytes of the MMDiT and VAE (bf16) plus host bytes of the CPU parts (f32).
+    fn weight_bytes(&self) -> u64 {
+        let vae = self
+            .vae
+            .as_ref()
+            .map_or(0, |(e, d)| e.weight_bytes() + d.weight_bytes());
+        (self.mmdit.weight_bytes + vae) as u64 + 4 * self.parts.param_count() as u64
+    }
+
+    /// Device bytes of one sampler plan on this tile (the arena of every activation).
+    fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
+        StepPlan::bytes_for(&self.mmdit, batch, tile_h, tile_w, context_len, PLAN_STEPS)
+            .map_or(0, |b| b as u64)
+    }
+
+    fn memory_tile_limit(&self, context_len: usize, steps: usize) -> Option<usize> {
+        let (free, _) = self.mmdit.dev.mem_info().ok()?;
+        // The plan held now is freed before a new one is made.
+        let held = self.sampler.as_ref().map_or(0, |p| p.bytes);
+        let budget = ((free + held) as f64 * MEMORY_HEADROOM) as usize;
+        let cfg = &self.mmdit.cfg;
+        let pz = cfg.patch_size.max(1);
+        let steps = steps.max(PLAN_STEPS);
+        let mut side = cfg.pos_embed_max_size * pz;
+        while side > pz {
+            match StepPlan::bytes_for(&self.mmdit, 2, side, side, context_len, steps) {
+                Ok(b) if b <= budget => return Some(side),
+                _ => side -= pz,
+            }
+        }
+        Some(pz)
+    }
+
+    fn sample_single_tile(
+        &mut self,
+        z0: &Tensor,
+        sigmas: &[f32],
+        y: &Tensor,
+        context: &Tensor,
+        lq_tokens: &Tensor,
+        cfg: f32,
+    ) -> Result<Option<Tensor>> {
+        let [c, h, w] = z0.shape[..] else {
+            return Err(Error::Model(format!(
+                "latent tile: expected [C, h, w], got {:?}",
+                z0.shape
+            )));
+        };
+        let steps = sigmas.len().saturating_sub(1);
+        if steps == 0 {
+            return Ok(Some(z0.clone()));
+        }
+        let l = context.shape.first().copied().unwrap_or(0);
+        let mut plan = self.sampler_plan(h, w, l, steps)?;
+        let run = (|| {
+            let dev = &*self.mmdit.dev;
+            plan.set_latent(dev, z0)?;
+            let t: Vec<f32> = sigmas[..steps]
+                .iter()
+                .flat_map(|&s| [1000.0 * s, 1000.0 * s])
+                .collect();
+            plan.set_timesteps(dev, &t)?;
+            let y1 = y.clone().reshape(&[1, y.numel()])?;
+            let y2 = concat_batch(&y1, &Tensor::zeros(&y1.shape))?;
+            let ctx1 = context
+                .clone()
+                .reshape(&[1, l, context.numel() / l.max(1)])?;
+            let ctx2 = concat_batch(&ctx1, &Tensor::zeros(&ctx1.shape))?;
+            let lq1 = if lq_tokens.shape.len() == 3 {
+                lq_tokens.clone()
+            } else {
+                let mut shape = vec![1];
+                shape.extend_from_slice(&lq_tokens.shape);
+                lq_tokens.clone().reshape(&shape)?
+            };
+            let lq2 = concat_batch(&lq1, &lq1)?;
+            let inject = LqInject {
+                tokens: &lq2,
+                gate: &self.parts.dpir.gate,
+            };
+            plan.set_conditions(dev, &y2, &ctx2, Some(inject))?;
+            self.mmdit.sample(&mut plan, cfg, sigmas)?;
+            let z = plan.latent(dev)?;
+            Tensor::new(&[c, h, w], z)
+        })();
+        self.sampler = Some(plan);
+        run.map(Some)
+    }
+}
