@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dpir_engine::cuda::mmdit::Profile;
+use dpir_engine::cuda::ops::AttnVariant;
 use dpir_engine::cuda::{Bf16, CudaDevice, CudaMmdit, DView, Gemm, Timer};
 use dpir_engine::models::mmdit::Mmdit;
 use dpir_engine::{Error, Tensor};
@@ -132,6 +133,9 @@ fn step_flops(c: &BenchConfig) -> (f64, f64) {
     gemm += b * l * 2.0 * d * m.context_dim as f64;
     (gemm, attn)
 }
+
+/// Steps per sampler call in the eager-vs-graph comparison.
+const SAMPLE_STEPS: usize = 8;
 
 fn fmt_row(name: &str, ms: f64, metric: &str) -> String {
     format!("  {name:<44} {ms:>9.3} ms   {metric}")
@@ -344,31 +348,13 @@ impl Bench<'_> {
     }
 }
 
-fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error::Error>> {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => Arc::new(d),
-        Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
-        Err(e) => return Err(e.into()),
-    };
-    let (free0, total_mem) = dev.mem_info()?;
-    println!(
-        "dpir bench --device cuda, config {} on {} (sm_{}{})",
-        bc.name, dev.name, dev.cc.0, dev.cc.1
-    );
-    for (m, how) in &dev.module_report {
-        println!("  module {}: {how}", m.name());
-    }
-    let gemm = Gemm::new(&dev)?;
-    let flush_buf = dev.alloc(256 << 20)?;
-    let b = Bench {
-        dev: &dev,
-        timer: Timer::new(&dev)?,
-        flush: flush_buf.view::<Bf16>(),
-        reps,
-    };
-    let mut results = Vec::new();
-
-    // Ceilings.
+/// The device's ceilings, measured: a bf16 GEMM 8192³ through cuBLASLt and a 1 GiB
+/// device-to-device copy. Returns (GEMM ms, TFLOP/s, copy ms, GB/s read + write).
+fn measure_ceilings(
+    dev: &CudaDevice,
+    gemm: &Gemm,
+    b: &Bench,
+) -> Result<(f64, f64, f64, f64), Error> {
     println!("ceilings (measured here):");
     let g = 8192usize;
     let gbuf = dev.alloc(3 * g * g * 2)?;
@@ -404,7 +390,34 @@ fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error
             &format!("{copy_gbs:.0} GB/s (read + write)")
         )
     );
-    drop(cbuf);
+    Ok((gemm_ms, gemm_tflops, copy_ms, copy_gbs))
+}
+
+fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error::Error>> {
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => Arc::new(d),
+        Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
+        Err(e) => return Err(e.into()),
+    };
+    let (free0, total_mem) = dev.mem_info()?;
+    println!(
+        "dpir bench --device cuda, config {} on {} (sm_{}{})",
+        bc.name, dev.name, dev.cc.0, dev.cc.1
+    );
+    for (m, how) in &dev.module_report {
+        println!("  module {}: {how}", m.name());
+    }
+    let gemm = Gemm::new(&dev)?;
+    let flush_buf = dev.alloc(256 << 20)?;
+    let b = Bench {
+        dev: &dev,
+        timer: Timer::new(&dev)?,
+        flush: flush_buf.view::<Bf16>(),
+        reps,
+    };
+    let mut results = Vec::new();
+
+    let (gemm_ms, gemm_tflops, copy_ms, copy_gbs) = measure_ceilings(&dev, &gemm, &b)?;
     results.push(json!({"op": "ceiling gemm 8192^3", "ms": gemm_ms, "tflops": gemm_tflops}));
     results.push(json!({"op": "ceiling copy 1GiB", "ms": copy_ms, "gbs": copy_gbs}));
 
@@ -524,14 +537,24 @@ fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error
         );
         let (oa, ob) = (ov.sub(0, bs * la * d)?, ov.sub(bs * la * d, bs * n * d)?);
         let scale = 1.0 / (m.head_dim() as f32).sqrt();
-        let t =
-            b.time(|| dev.joint_attention_fused(qa, qb, oa, ob, bs, la, n, heads, scale, None))?;
-        op(
-            &format!("joint flash attention B={bs} H={heads} L={l} hd=64"),
-            t,
-            4.0 * (bs * heads * l * l * 64) as f64,
-            0.0,
-        );
+        // The default variant first (the summary reads the first "joint flash attention").
+        let default = AttnVariant::default();
+        let others = AttnVariant::ALL.into_iter().filter(|v| *v != default);
+        for v in std::iter::once(default).chain(others) {
+            let t = b.time(|| {
+                dev.joint_attention_fused_with(v, qa, qb, oa, ob, bs, la, n, heads, scale, None)
+            })?;
+            let tag = if v == default { ", default" } else { "" };
+            op(
+                &format!(
+                    "joint flash attention B={bs} H={heads} L={l} hd=64 ({}{tag})",
+                    v.name()
+                ),
+                t,
+                4.0 * (bs * heads * l * l * 64) as f64,
+                0.0,
+            );
+        }
     } else {
         println!("  joint flash attention: not available (module not loaded or head_dim != 64)");
     }
@@ -547,10 +570,12 @@ fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error
         t0.elapsed().as_secs_f64()
     );
     let mut plan = model.plan(bs, bc.latent, bc.latent, bc.ctx, 1)?;
+    let plan_bytes = plan.bytes;
     println!(
-        "  activation plan: {:.1} MB (one arena); fused attention: {}",
+        "  activation plan: {:.1} MB (one arena); fused attention: {} ({})",
         plan.bytes as f64 / 1e6,
-        model.uses_fused_attention()
+        model.uses_fused_attention(),
+        model.opts.attn_variant.name()
     );
     let zx = Tensor::zeros(&[bs.div_ceil(2), m.in_channels, bc.latent, bc.latent]);
     plan.set_latent(&dev, &zx)?;
@@ -579,6 +604,52 @@ fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error
         )
     );
     println!("  device allocations inside the timed steps: {allocs_in_loop}");
+    drop(plan);
+    // The sampler as a restore runs it: SAMPLE_STEPS steps per call, eager vs CUDA graph.
+    let mut model = model;
+    let mut splan = model.plan(bs, bc.latent, bc.latent, bc.ctx, SAMPLE_STEPS)?;
+    splan.set_latent(&dev, &zx)?;
+    let sig: Vec<f32> = (0..=SAMPLE_STEPS)
+        .map(|i| 1.0 - i as f32 / SAMPLE_STEPS as f32)
+        .collect();
+    let ts: Vec<f32> = sig[..SAMPLE_STEPS]
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(1000.0 * s, bs))
+        .collect();
+    splan.set_timesteps(&dev, &ts)?;
+    splan.set_conditions(&dev, &y, &ctx, None)?;
+    let mut per_step = |graph: bool| -> Result<(f64, usize), Error> {
+        model.opts.cuda_graph = graph;
+        let mut replays = 0;
+        model.sample(&mut splan, 4.5, &sig)?; // warm-up (and capture)
+        b.timer.start(&dev)?;
+        for _ in 0..b.reps.min(5) {
+            replays += model.sample(&mut splan, 4.5, &sig)?.replays;
+        }
+        let ms = b.timer.stop_ms(&dev)? as f64 / (b.reps.min(5) * SAMPLE_STEPS) as f64;
+        Ok((ms, replays))
+    };
+    let (eager_ms, _) = per_step(false)?;
+    let (graph_ms, replays) = per_step(true)?;
+    println!(
+        "{}",
+        fmt_row(
+            &format!("sampler, {SAMPLE_STEPS} steps per call, eager"),
+            eager_ms,
+            "per step"
+        )
+    );
+    println!(
+        "{}",
+        fmt_row(
+            &format!("sampler, {SAMPLE_STEPS} steps per call, CUDA graph"),
+            graph_ms,
+            &format!(
+                "per step ({replays} replays; {:+.1}% vs eager)",
+                100.0 * (graph_ms / eager_ms - 1.0)
+            )
+        )
+    );
     let (free1, _) = dev.mem_info()?;
     let peak = free0.saturating_sub(free1);
     println!(
@@ -602,9 +673,55 @@ fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error
         "fused_attention": model.uses_fused_attention(),
         "allocations_in_loop": allocs_in_loop,
         "weights_bytes": model.weight_bytes,
-        "plan_bytes": plan.bytes,
+        "plan_bytes": plan_bytes,
+        "sampler_step_ms_eager": eager_ms,
+        "sampler_step_ms_graph": graph_ms,
         "memory_in_use_bytes": peak,
     }))
+}
+
+/// Analytic work of one profiled op over a whole forward at the config's shapes:
+/// `(FLOPs, bytes)` — FLOPs for the GEMM and attention ops (roofline: the GEMM ceiling),
+/// bytes of bf16 reads + writes for the memory-bound ones (roofline: the copy ceiling).
+fn op_work(bc: &BenchConfig, op: &str) -> Option<(f64, f64)> {
+    let m = &bc.model;
+    let b = bc.batch as f64;
+    let n = ((bc.latent / m.patch_size) * (bc.latent / m.patch_size)) as f64;
+    let l = bc.ctx as f64;
+    let (d, mlp, hd, h) = (
+        m.hidden as f64,
+        m.mlp_hidden as f64,
+        m.head_dim() as f64,
+        m.num_heads as f64,
+    );
+    let (mut fl, mut by) = (0.0, 0.0);
+    for i in 0..m.depth {
+        let last = i + 1 == m.depth;
+        let a2 = m.attn2_blocks.get(i).copied().unwrap_or(false) as u8 as f64;
+        let ctx_full = if last { 0.0 } else { 1.0 };
+        match op {
+            "qkv GEMM" => fl += 2.0 * 3.0 * d * d * b * (n * (1.0 + a2) + l),
+            "proj GEMM" => fl += 2.0 * d * d * b * (n * (1.0 + a2) + l * ctx_full),
+            "MLP (fc1+GELU+fc2)" => fl += 4.0 * d * mlp * b * (n + l * ctx_full),
+            "adaLN modulation GEMM" => {
+                let mods = if a2 > 0.0 { 9.0 } else { 6.0 } + if last { 2.0 } else { 6.0 };
+                fl += 2.0 * d * mods * d * b
+            }
+            "attention (flash)" | "attention (unfused)" => {
+                fl += 4.0 * b * h * hd * ((n + l) * (n + l) + a2 * n * n)
+            }
+            // LayerNorm + modulate: read x, write the modulated copy (bf16).
+            "adaLN LayerNorm+modulate" => {
+                by += 4.0 * d * b * (n * (2.0 + a2) + l * (1.0 + ctx_full))
+            }
+            // Gated residual: read x and the branch, write x.
+            "gated residual" => by += 6.0 * d * b * (n * (2.0 + a2) + l * 2.0 * ctx_full),
+            // qk RMSNorm in place: read and write q and k.
+            "rmsnorm_qk" => by += 8.0 * d * b * (n * (1.0 + a2) + l),
+            _ => return None,
+        }
+    }
+    Some((fl, by))
 }
 
 pub fn profile(args: ProfileArgs) -> CliResult {
@@ -614,6 +731,19 @@ pub fn profile(args: ProfileArgs) -> CliResult {
         Err(Error::NoCuda) => return Err("no CUDA driver found: `dpir profile` needs a GPU".into()),
         Err(e) => return Err(e.into()),
     };
+    let gemm = Gemm::new(&dev)?;
+    let flush_buf = dev.alloc(256 << 20)?;
+    let (gemm_tflops, copy_gbs) = {
+        let b = Bench {
+            dev: &dev,
+            timer: Timer::new(&dev)?,
+            flush: flush_buf.view::<Bf16>(),
+            reps: 5,
+        };
+        let (_, t, _, c) = measure_ceilings(&dev, &gemm, &b)?;
+        (t, c)
+    };
+    drop(flush_buf);
     let m = &bc.model;
     let model = CudaMmdit::random(dev.clone(), m, 42)?;
     let mut plan = model.plan(bc.batch, bc.latent, bc.latent, bc.ctx, 1)?;
@@ -642,16 +772,33 @@ pub fn profile(args: ProfileArgs) -> CliResult {
         bc.name, dev.name
     );
     println!(
-        "  {:<32} {:>10} {:>8} {:>8}",
-        "op", "ms", "share", "launches"
+        "  {:<32} {:>10} {:>8} {:>8}   {}",
+        "op", "ms", "share", "launches", "achieved (roofline: share of the measured ceiling)"
     );
     let mut rows = Vec::new();
     for (name, ms, count) in &totals {
+        let (roof, achieved) = match op_work(&bc, name) {
+            Some((fl, _)) if fl > 0.0 => {
+                let t = fl / ms / 1e9;
+                (
+                    Some(t / gemm_tflops),
+                    format!("{t:.0} TFLOP/s ({:.0}% of GEMM)", 100.0 * t / gemm_tflops),
+                )
+            }
+            Some((_, by)) if by > 0.0 => {
+                let g = by / ms / 1e6;
+                (
+                    Some(g / copy_gbs),
+                    format!("{g:.0} GB/s ({:.0}% of copy)", 100.0 * g / copy_gbs),
+                )
+            }
+            _ => (None, "—".into()),
+        };
         println!(
-            "  {name:<32} {ms:>10.3} {:>7.1}% {count:>8}",
+            "  {name:<32} {ms:>10.3} {:>7.1}% {count:>8}   {achieved}",
             100.0 * ms / sum
         );
-        rows.push(json!({"op": name, "ms": ms, "share": ms / sum, "launches": count}));
+        rows.push(json!({"op": name, "ms": ms, "share": ms / sum, "launches": count, "of_roofline": roof}));
     }
     let (gf, af) = step_flops(&bc);
     println!(
@@ -660,9 +807,41 @@ pub fn profile(args: ProfileArgs) -> CliResult {
         af / 1e12
     );
     if let Some(p) = &args.json {
-        let v = json!({"config": bc.name, "device": dev.name, "step_ms": step_ms, "ops": rows});
+        let v = json!({"config": bc.name, "device": dev.name, "step_ms": step_ms, "ops": rows,
+                       "ceilings": {"gemm_tflops": gemm_tflops, "copy_gbs": copy_gbs}});
         std::fs::write(p, serde_json::to_string_pretty(&v)?)
             .map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-op FLOPs of the profile add up to the step's FLOPs (less the embedders and
+    /// the final layer, which the profile times as their own ops), for SD3 and MMDiT-X.
+    #[test]
+    fn profile_op_flops_add_up_to_the_step() {
+        for name in ["sd3-medium-1024", "sd35-medium-1024", "tiny"] {
+            let bc = bench_config(name).unwrap();
+            let m = &bc.model;
+            let (gemm, attn) = step_flops(&bc);
+            let f = |op: &str| op_work(&bc, op).unwrap().0;
+            let (b, d) = (bc.batch as f64, m.hidden as f64);
+            let n = ((bc.latent / m.patch_size).pow(2)) as f64;
+            let embed_final = b * n * 2.0 * d * (m.patch_size.pow(2) * m.out_channels) as f64
+                + b * bc.ctx as f64 * 2.0 * d * m.context_dim as f64;
+            let blocks = f("qkv GEMM") + f("proj GEMM") + f("MLP (fc1+GELU+fc2)");
+            assert!(
+                ((blocks + embed_final) / gemm - 1.0).abs() < 1e-9,
+                "{name}: {blocks} + {embed_final} vs {gemm}"
+            );
+            assert!((f("attention (flash)") / attn - 1.0).abs() < 1e-9, "{name}");
+            // Memory-bound ops report bytes, not FLOPs; unknown ops report nothing.
+            assert_eq!(op_work(&bc, "gated residual").unwrap().0, 0.0);
+            assert!(op_work(&bc, "gated residual").unwrap().1 > 0.0);
+            assert!(op_work(&bc, "final layer").is_none());
+        }
+    }
 }
