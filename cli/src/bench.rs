@@ -772,8 +772,8 @@ pub fn profile(args: ProfileArgs) -> CliResult {
         bc.name, dev.name
     );
     println!(
-        "  {:<32} {:>10} {:>8} {:>8}   {}",
-        "op", "ms", "share", "launches", "achieved (roofline: share of the measured ceiling)"
+        "  {:<32} {:>10} {:>8} {:>8}   achieved (roofline: share of the measured ceiling)",
+        "op", "ms", "share", "launches"
     );
     let mut rows = Vec::new();
     for (name, ms, count) in &totals {
