@@ -27,8 +27,8 @@ pub use file::{
 pub use model::{load, Ignored, Layout, Loaded, Model};
 pub use spec::{
     check_spec, clip_vision_spec, detect_clip_vision, detect_dpir, detect_mmdit, detect_vae,
-    dpir_spec, mmdit_spec, param_count, robust_encoder_file_spec, shape_map, vae_decoder_spec,
-    vae_encoder_spec, vae_spec, ShapeMap, Spec,
+    dpir_spec, mmdit_last_context_qk_norm, mmdit_spec, param_count, robust_encoder_file_spec,
+    shape_map, vae_decoder_spec, vae_encoder_spec, vae_spec, ShapeMap, Spec,
 };
 
 /// Everything that can go wrong while reading checkpoints. Every message is one line that

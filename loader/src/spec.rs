@@ -44,6 +44,17 @@ fn norm(spec: &mut Spec, prefix: &str, c: usize) {
     push(spec, format!("{prefix}.bias"), &[c]);
 }
 
+/// Whether `name` is one of the two optional MMDiT tensors: the qk-norm weights of the last
+/// block's qkv-only context stream (SD3.5 checkpoints carry them; the loader requires them
+/// when the config has qk-norm, a backend may run without them).
+pub fn mmdit_last_context_qk_norm(c: &MmditConfig, name: &str) -> bool {
+    let Some(i) = c.depth.checked_sub(1) else {
+        return false;
+    };
+    name == format!("joint_blocks.{i}.context_block.attn.ln_q.weight")
+        || name == format!("joint_blocks.{i}.context_block.attn.ln_k.weight")
+}
+
 /// The MMDiT in SD3's original names (without `model.diffusion_model.`).
 pub fn mmdit_spec(c: &MmditConfig) -> Spec {
     let d = c.hidden;

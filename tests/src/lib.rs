@@ -130,66 +130,14 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, String> 
 }
 
 /// The tensors of an SD3 MMDiT in the original layout (no prefix), as candle-transformers
-/// and SD3's `mmdit.py` name them. `last_context_qk_norm` adds `ln_q/ln_k` to the last
-/// block's qkv-only context stream (SD3.5 checkpoints have them; candle does not read them).
+/// and SD3's `mmdit.py` name them: the loader's spec, where `last_context_qk_norm` keeps
+/// `ln_q/ln_k` of the last block's qkv-only context stream (SD3.5 checkpoints have them;
+/// candle does not read them).
 pub fn mmdit_spec(cfg: &MmditConfig, last_context_qk_norm: bool) -> Vec<(String, Vec<usize>)> {
-    let d = cfg.hidden;
-    let p = cfg.patch_size;
-    let hd = cfg.head_dim();
-    let mut s: Vec<(String, Vec<usize>)> = Vec::new();
-    let lin = |s: &mut Vec<(String, Vec<usize>)>, name: &str, o: usize, i: usize| {
-        s.push((format!("{name}.weight"), vec![o, i]));
-        s.push((format!("{name}.bias"), vec![o]));
-    };
-    s.push((
-        "x_embedder.proj.weight".into(),
-        vec![d, cfg.in_channels, p, p],
-    ));
-    s.push(("x_embedder.proj.bias".into(), vec![d]));
-    let m = cfg.pos_embed_max_size;
-    s.push(("pos_embed".into(), vec![1, m * m, d]));
-    lin(&mut s, "t_embedder.mlp.0", d, cfg.frequency_embedding_size);
-    lin(&mut s, "t_embedder.mlp.2", d, d);
-    lin(&mut s, "y_embedder.mlp.0", d, cfg.pooled_dim);
-    lin(&mut s, "y_embedder.mlp.2", d, d);
-    lin(&mut s, "context_embedder", d, cfg.context_dim);
-    for i in 0..cfg.depth {
-        let last = i + 1 == cfg.depth;
-        for stream in ["x_block", "context_block"] {
-            let pre = format!("joint_blocks.{i}.{stream}");
-            let pre_only = last && stream == "context_block";
-            let attn2 = stream == "x_block" && cfg.attn2_blocks.get(i).copied().unwrap_or(false);
-            let n_mods = if pre_only {
-                2
-            } else if attn2 {
-                9
-            } else {
-                6
-            };
-            lin(&mut s, &format!("{pre}.adaLN_modulation.1"), n_mods * d, d);
-            let mut attns = vec!["attn"];
-            if attn2 {
-                attns.push("attn2");
-            }
-            for a in attns {
-                lin(&mut s, &format!("{pre}.{a}.qkv"), 3 * d, d);
-                if !pre_only {
-                    lin(&mut s, &format!("{pre}.{a}.proj"), d, d);
-                }
-                if cfg.qk_norm && (!pre_only || last_context_qk_norm) {
-                    s.push((format!("{pre}.{a}.ln_q.weight"), vec![hd]));
-                    s.push((format!("{pre}.{a}.ln_k.weight"), vec![hd]));
-                }
-            }
-            if !pre_only {
-                lin(&mut s, &format!("{pre}.mlp.fc1"), cfg.mlp_hidden, d);
-                lin(&mut s, &format!("{pre}.mlp.fc2"), d, cfg.mlp_hidden);
-            }
-        }
-    }
-    lin(&mut s, "final_layer.adaLN_modulation.1", 2 * d, d);
-    lin(&mut s, "final_layer.linear", p * p * cfg.out_channels, d);
-    s
+    dpir_loader::mmdit_spec(cfg)
+        .into_iter()
+        .filter(|(n, _)| last_context_qk_norm || !dpir_loader::mmdit_last_context_qk_norm(cfg, n))
+        .collect()
 }
 
 /// An SD3-convention config (heads = depth, hidden = head_dim · depth, MLP ratio 4), the

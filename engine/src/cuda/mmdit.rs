@@ -72,78 +72,19 @@ impl WeightSpec {
     }
 }
 
-/// Every tensor the GPU forward reads, in the canonical (SD3 original) names. `has` answers
-/// whether an optional tensor exists (the last context block's qk-norm weights).
+/// Every tensor the GPU forward reads: the loader's canonical spec
+/// ([`dpir_loader::mmdit_spec`]), less the last context block's qk-norm weights when `has`
+/// says they are absent; the qk-norm weights are kept in f32, everything else in bf16.
 pub fn weight_specs(cfg: &MmditConfig, has: &dyn Fn(&str) -> bool) -> Vec<WeightSpec> {
-    let d = cfg.hidden;
-    let p = cfg.patch_size;
-    let hd = cfg.head_dim();
-    let mut v = Vec::new();
-    let mut t =
-        |name: String, shape: Vec<usize>, f32: bool| v.push(WeightSpec { name, shape, f32 });
-    let lin = |t: &mut dyn FnMut(String, Vec<usize>, bool), name: &str, o: usize, i: usize| {
-        t(format!("{name}.weight"), vec![o, i], false);
-        t(format!("{name}.bias"), vec![o], false);
-    };
-    t(
-        "x_embedder.proj.weight".into(),
-        vec![d, cfg.in_channels, p, p],
-        false,
-    );
-    t("x_embedder.proj.bias".into(), vec![d], false);
-    let m = cfg.pos_embed_max_size;
-    t("pos_embed".into(), vec![1, m * m, d], false);
-    lin(&mut t, "t_embedder.mlp.0", d, cfg.frequency_embedding_size);
-    lin(&mut t, "t_embedder.mlp.2", d, d);
-    lin(&mut t, "y_embedder.mlp.0", d, cfg.pooled_dim);
-    lin(&mut t, "y_embedder.mlp.2", d, d);
-    lin(&mut t, "context_embedder", d, cfg.context_dim);
-    for i in 0..cfg.depth {
-        let last = i + 1 == cfg.depth;
-        for (s, pre_only, attn2) in [
-            (
-                "x_block",
-                false,
-                cfg.attn2_blocks.get(i).copied().unwrap_or(false),
-            ),
-            ("context_block", last, false),
-        ] {
-            let pfx = format!("joint_blocks.{i}.{s}");
-            let n_mods = if pre_only {
-                2
-            } else if attn2 {
-                9
-            } else {
-                6
-            };
-            lin(&mut t, &format!("{pfx}.adaLN_modulation.1"), n_mods * d, d);
-            let attn = |t: &mut dyn FnMut(String, Vec<usize>, bool), a: &str, pre: bool| {
-                lin(t, &format!("{pfx}.{a}.qkv"), 3 * d, d);
-                if cfg.qk_norm {
-                    for n in ["ln_q", "ln_k"] {
-                        let name = format!("{pfx}.{a}.{n}.weight");
-                        if !pre || has(&name) {
-                            t(name, vec![hd], true);
-                        }
-                    }
-                }
-                if !pre {
-                    lin(t, &format!("{pfx}.{a}.proj"), d, d);
-                }
-            };
-            attn(&mut t, "attn", pre_only);
-            if attn2 {
-                attn(&mut t, "attn2", false);
-            }
-            if !pre_only {
-                lin(&mut t, &format!("{pfx}.mlp.fc1"), cfg.mlp_hidden, d);
-                lin(&mut t, &format!("{pfx}.mlp.fc2"), d, cfg.mlp_hidden);
-            }
-        }
-    }
-    lin(&mut t, "final_layer.adaLN_modulation.1", 2 * d, d);
-    lin(&mut t, "final_layer.linear", p * p * cfg.out_channels, d);
-    v
+    dpir_loader::mmdit_spec(cfg)
+        .into_iter()
+        .filter(|(name, _)| !dpir_loader::mmdit_last_context_qk_norm(cfg, name) || has(name))
+        .map(|(name, shape)| WeightSpec {
+            f32: name.ends_with(".ln_q.weight") || name.ends_with(".ln_k.weight"),
+            name,
+            shape,
+        })
+        .collect()
 }
 
 /// Options of the GPU forward (defaults: the most validated path).
