@@ -138,14 +138,14 @@ fn cuda_mmdit_matches_cpu() {
                 "default",
                 "attn-w8",
                 "fused-qknorm",
-                "gelu-epilogue",
+                "gelu-kernel",
             ] {
                 let mut opts = gpu.opts;
                 match variant {
                     "unfused-attention" => opts.fused_attention = false,
                     "attn-w8" => opts.attn_variant = AttnVariant::W8,
                     "fused-qknorm" => opts.fused_qknorm = true,
-                    "gelu-epilogue" => opts.gelu_epilogue = true,
+                    "gelu-kernel" => opts.gelu_epilogue = false,
                     _ => {}
                 }
                 // Switching between fused and unfused needs a plan with scratch: drop the

@@ -96,7 +96,10 @@ pub struct Options {
     pub attn_variant: AttnVariant,
     /// Use the flash kernel's fused qk-RMSNorm instead of the separate RMSNorm kernel.
     pub fused_qknorm: bool,
-    /// Use cuBLASLt's GELU+bias epilogue for `mlp.fc1` instead of the tanh-GELU kernel.
+    /// Use cuBLASLt's GELU+bias epilogue for `mlp.fc1` (default) instead of the GEMM with
+    /// bias followed by our tanh-GELU kernel: one pass over the MLP hidden state less, 0.13 ms
+    /// per block at SD3-medium 1024² on an H100 (0.217 ms vs 0.193 + 0.155 ms).
+    /// `cuda_kernels` checks elementwise that the epilogue is the tanh form SD3 uses.
     pub gelu_epilogue: bool,
     /// [`CudaMmdit::sample`]: capture one step as a CUDA graph and replay it every step.
     pub cuda_graph: bool,
@@ -108,7 +111,7 @@ impl Default for Options {
             fused_attention: true,
             attn_variant: AttnVariant::default(),
             fused_qknorm: false,
-            gelu_epilogue: false,
+            gelu_epilogue: true,
             cuda_graph: true,
         }
     }
@@ -116,7 +119,7 @@ impl Default for Options {
 
 impl Options {
     /// Defaults, overridable by `DPIR_ATTENTION=unfused`, `DPIR_ATTN_VARIANT=w8|w4`,
-    /// `DPIR_FUSED_QKNORM=1`, `DPIR_GELU_EPILOGUE=1`, `DPIR_CUDA_GRAPH=0`. An unknown
+    /// `DPIR_FUSED_QKNORM=1`, `DPIR_GELU_EPILOGUE=0`, `DPIR_CUDA_GRAPH=0`. An unknown
     /// `DPIR_ATTN_VARIANT` keeps the default with a one-line warning.
     pub fn from_env() -> Self {
         let flag = |k: &str| std::env::var(k).map(|v| v == "1").unwrap_or(false);
@@ -137,7 +140,9 @@ impl Options {
                 .unwrap_or(d.fused_attention),
             attn_variant,
             fused_qknorm: flag("DPIR_FUSED_QKNORM"),
-            gelu_epilogue: flag("DPIR_GELU_EPILOGUE"),
+            gelu_epilogue: std::env::var("DPIR_GELU_EPILOGUE")
+                .map(|v| v != "0")
+                .unwrap_or(d.gelu_epilogue),
             cuda_graph: std::env::var("DPIR_CUDA_GRAPH")
                 .map(|v| v != "0")
                 .unwrap_or(d.cuda_graph),
