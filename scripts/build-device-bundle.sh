@@ -4,6 +4,7 @@
 #   dist/bin/cuda_kernels         kernel-vs-CPU-reference tests
 #   dist/bin/cuda_mmdit           CUDA MMDiT vs CPU MMDiT, CUDA-graph replay, zero-allocation loop
 #   dist/bin/cuda_vae             CUDA VAE encoder/decoder vs the CPU VAE
+#   dist/bin/cuda_clip            CUDA CLIP vision vs the CPU CLIP vision
 #   dist/bin/cuda_restore         end-to-end restore on the GPU vs the CPU (PSNR >= 45 dB)
 # (dist/bin/attention_check and dist/bin/vae_check are built separately by scripts/build-dev-checks.sh.)
 # Then copy dist/ (and .whl/ for the PyTorch baseline) to the GPU machine and run
@@ -14,7 +15,7 @@ mkdir -p dist/bin
 cargo build --release -p dpir-cli
 cp target/release/dpir dist/bin/dpir
 # The test executables: cargo prints their paths as JSON artifacts.
-cargo test --release -p dpir-engine --test cuda_kernels --test cuda_mmdit --test cuda_vae --test cuda_restore --no-run --message-format=json 2>/dev/null \
+cargo test --release -p dpir-engine --test cuda_kernels --test cuda_mmdit --test cuda_vae --test cuda_clip --test cuda_restore --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

@@ -61,7 +61,7 @@ export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [[ -x dist/bin/cuda_kernels ]]; then
   stage kernels 150 "$OUT/tests.log" dist/bin/cuda_kernels --nocapture --test-threads=1
 else echo "== kernels: missing dist/bin/cuda_kernels" | tee -a "$OUT/tests.log"; RC[kernels]=missing; fi
-for t in mmdit:100 vae:60 restore:90; do
+for t in mmdit:100 vae:60 clip:90 restore:90; do
   name=${t%%:*}; limit=${t##*:}
   if [[ -x dist/bin/cuda_$name ]]; then
     stage "$name" "$limit" "$OUT/tests.log" dist/bin/cuda_$name --nocapture --test-threads=1

@@ -8,6 +8,7 @@
 // `usize::is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod clip;
 pub mod device;
 pub mod gemm;
 pub mod mmdit;

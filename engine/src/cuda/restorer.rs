@@ -1,8 +1,9 @@
-//! DPIR on the GPU as a [`Restorer`]: the MMDiT ([`CudaMmdit`]) and the VAE — robust
-//! encoder and decoder ([`CudaVaeEncoder`], [`CudaVaeDecoder`]) — run on the device; CLIP
-//! vision and DPIR's own small parts (LQ branch, prompt MLPs) run on the CPU
-//! ([`CpuParts`]): together a few percent of a restore. A VAE config the GPU kernels do not
-//! cover ([`super::vae::check_config`]), or `DPIR_CUDA_VAE=0`, keeps the VAE on the CPU.
+//! DPIR on the GPU as a [`Restorer`]: the MMDiT ([`CudaMmdit`]), the VAE — robust encoder
+//! and decoder ([`CudaVaeEncoder`], [`CudaVaeDecoder`]) — and CLIP vision
+//! ([`CudaClipVision`]) run on the device; DPIR's own small parts (LQ branch convs, prompt
+//! MLPs, a few MFLOP) run on the CPU ([`CpuParts`]). A VAE or CLIP config the GPU kernels
+//! do not cover (`check_config` of each), or `DPIR_CUDA_VAE=0` / `DPIR_CUDA_CLIP=0`, keeps
+//! that part on the CPU.
 //!
 //! A one-tile image takes the device-resident sampler: the latent, the conditions and the
 //! whole timestep schedule are uploaded once, then every step (CFG batch of 2, guidance,
@@ -13,6 +14,7 @@
 
 use std::sync::Arc;
 
+use super::clip::{self, CudaClipVision};
 use super::device::CudaDevice;
 use super::mmdit::{CudaMmdit, StepPlan};
 use super::vae::{self, CudaVaeDecoder, CudaVaeEncoder};
@@ -35,6 +37,8 @@ pub struct CudaRestorer {
     pub parts: CpuParts,
     /// The GPU VAE; `None`: `parts` holds the CPU one.
     vae: Option<(CudaVaeEncoder, CudaVaeDecoder)>,
+    /// GPU CLIP vision; `None`: `parts` holds the CPU one.
+    clip: Option<CudaClipVision>,
     /// The sampler's plan for the last (latent h, w, context length, steps).
     sampler: Option<StepPlan>,
 }
@@ -51,10 +55,22 @@ impl CudaRestorer {
         robust: Option<&dyn WeightSource>,
     ) -> Result<Self> {
         let enc_cfg = cfgs.robust.clone().unwrap_or_else(|| cfgs.vae.clone());
-        let gpu_vae = std::env::var("DPIR_CUDA_VAE").map_or(true, |v| v != "0")
+        let enabled = |k: &str| std::env::var(k).map_or(true, |v| v != "0");
+        let gpu_vae = enabled("DPIR_CUDA_VAE")
             && vae::check_config(&cfgs.vae).is_ok()
             && vae::check_config(&enc_cfg).is_ok();
-        let parts = CpuParts::assemble(cfgs, vae, clip, dpir, robust, !gpu_vae)?;
+        let gpu_clip = enabled("DPIR_CUDA_CLIP") && clip::check_config(&cfgs.clip).is_ok();
+        let clip_src = clip;
+        let parts = CpuParts::assemble(cfgs, vae, clip_src, dpir, robust, !gpu_vae, !gpu_clip)?;
+        let clip = if gpu_clip {
+            Some(CudaClipVision::load(
+                dev.clone(),
+                &parts.configs().clip,
+                clip_src,
+            )?)
+        } else {
+            None
+        };
         let vae = if gpu_vae {
             let enc_src = match (robust, &parts.configs().robust) {
                 (Some(r), Some(_)) => r,
@@ -72,6 +88,7 @@ impl CudaRestorer {
             mmdit,
             parts,
             vae,
+            clip,
             sampler: None,
         })
     }
@@ -93,6 +110,11 @@ impl CudaRestorer {
     /// Whether the VAE runs on the GPU.
     pub fn gpu_vae(&self) -> bool {
         self.vae.is_some()
+    }
+
+    /// Whether CLIP vision runs on the GPU.
+    pub fn gpu_clip(&self) -> bool {
+        self.clip.is_some()
     }
 
     pub fn device(&self) -> &CudaDevice {
@@ -175,20 +197,33 @@ impl Restorer for CudaRestorer {
     }
 
     fn local_prompt(&mut self, region: &Tensor) -> Result<Tensor> {
-        self.parts.local_prompt(region)
+        match &mut self.clip {
+            Some(c) => {
+                let out = c.forward(&self.parts.clip_pixels(region)?)?;
+                self.parts.local_from_clip(&out)
+            }
+            None => self.parts.local_prompt(region),
+        }
     }
 
     fn global_prompt(&mut self, image: &Tensor) -> Result<Tensor> {
-        self.parts.global_prompt(image)
+        match &mut self.clip {
+            Some(c) => {
+                let out = c.forward(&self.parts.clip_pixels(image)?)?;
+                self.parts.global_from_clip(&out)
+            }
+            None => self.parts.global_prompt(image),
+        }
     }
 
-    /// Device bytes of the MMDiT and VAE (bf16) plus host bytes of the CPU parts (f32).
+    /// Device bytes of the MMDiT, VAE and CLIP (bf16) plus host bytes of the CPU parts (f32).
     fn weight_bytes(&self) -> u64 {
         let vae = self
             .vae
             .as_ref()
             .map_or(0, |(e, d)| e.weight_bytes() + d.weight_bytes());
-        (self.mmdit.weight_bytes + vae) as u64 + 4 * self.parts.param_count() as u64
+        let clip = self.clip.as_ref().map_or(0, |c| c.weight_bytes());
+        (self.mmdit.weight_bytes + vae + clip) as u64 + 4 * self.parts.param_count() as u64
     }
 
     /// Device bytes of one sampler plan on this tile (the arena of every activation).

@@ -5,7 +5,7 @@ use dpir_loader::{ClipVisionConfig, Component, DpirConfig, MmditConfig, VaeConfi
 
 use super::{Denoiser, ModelDims, Restorer, VAE_FACTOR};
 use crate::error::{Error, Result};
-use crate::models::clip::{preprocess, ClipVision};
+use crate::models::clip::{preprocess, ClipOutput, ClipVision};
 use crate::models::dpir::Dpir;
 use crate::models::mmdit::{LqInject, Mmdit};
 use crate::models::vae::{from_model_latent, to_model_latent, VaeDecoder, VaeEncoder};
@@ -57,7 +57,8 @@ pub struct CpuParts {
     encoder_cfg: VaeConfig,
     decoder: Option<VaeDecoder>,
     decoder_cfg: VaeConfig,
-    clip: ClipVision,
+    /// `None` when another backend runs CLIP vision.
+    clip: Option<ClipVision>,
     cfgs: Configs,
 }
 
@@ -135,12 +136,14 @@ impl CpuParts {
         dpir: &dyn WeightSource,
         robust: Option<&dyn WeightSource>,
     ) -> Result<Self> {
-        Self::assemble(cfgs, vae, clip, dpir, robust, true)
+        Self::assemble(cfgs, vae, clip, dpir, robust, true, true)
     }
 
     /// As [`CpuParts::from_sources`]; `with_vae == false` checks the VAE configs but loads
     /// no VAE weights (another backend runs the VAE; [`CpuParts::encode_lq`] and
-    /// [`CpuParts::decode`] then answer an error).
+    /// [`CpuParts::decode`] then answer an error); `with_clip == false` likewise for CLIP
+    /// vision ([`CpuParts::local_from_clip`] / [`CpuParts::global_from_clip`] take the
+    /// other backend's CLIP output).
     pub fn assemble(
         cfgs: Configs,
         vae: &dyn WeightSource,
@@ -148,6 +151,7 @@ impl CpuParts {
         dpir: &dyn WeightSource,
         robust: Option<&dyn WeightSource>,
         with_vae: bool,
+        with_clip: bool,
     ) -> Result<Self> {
         let (m, v, c, d) = (&cfgs.mmdit, &cfgs.vae, &cfgs.clip, &cfgs.dpir);
         let checks = [
@@ -235,7 +239,7 @@ impl CpuParts {
             encoder_cfg,
             decoder: with_vae.then(|| VaeDecoder::load(v, vae)).transpose()?,
             decoder_cfg: v.clone(),
-            clip: ClipVision::load(c, clip)?,
+            clip: with_clip.then(|| ClipVision::load(c, clip)).transpose()?,
             cfgs,
         })
     }
@@ -288,11 +292,15 @@ impl CpuParts {
         self.dpir.lq_branch.forward(z_lq)
     }
 
-    /// See [`Restorer::local_prompt`].
-    pub fn local_prompt(&self, region: &Tensor) -> Result<Tensor> {
+    /// A region `[3, h, w]` in [-1, 1] as CLIP pixels `[1, 3, S, S]`.
+    pub fn clip_pixels(&self, region: &Tensor) -> Result<Tensor> {
         let s = self.cfgs.clip.image_size;
-        let px = preprocess(region, s)?.reshape(&[1, 3, s, s])?;
-        let out = self.clip.forward(&px)?;
+        preprocess(region, s)?.reshape(&[1, 3, s, s])
+    }
+
+    /// Local-prompt tokens `[P, ctx]` from a CLIP forward: the patch tokens of the
+    /// penultimate hidden state through the local MLP.
+    pub fn local_from_clip(&self, out: &ClipOutput) -> Result<Tensor> {
         let [_, l, w] = out.penultimate.shape[..] else {
             return Err(Error::Model(format!(
                 "CLIP penultimate state has shape {:?}",
@@ -305,23 +313,41 @@ impl CpuParts {
         ctx.reshape(&shape)
     }
 
-    /// See [`Restorer::global_prompt`].
-    pub fn global_prompt(&self, image: &Tensor) -> Result<Tensor> {
-        let s = self.cfgs.clip.image_size;
-        let px = preprocess(image, s)?.reshape(&[1, 3, s, s])?;
-        let out = self.clip.forward(&px)?;
+    /// The pooled vector `[pooled]` from a CLIP forward: pooled output through the global MLP.
+    pub fn global_from_clip(&self, out: &ClipOutput) -> Result<Tensor> {
         let y = self.dpir.prompts.global(&out.pooled)?;
         let n = y.numel();
         y.reshape(&[n])
     }
 
-    /// Parameters held here: CLIP vision, DPIR's parts and, when loaded, the VAE.
+    fn clip(&self) -> Result<&ClipVision> {
+        self.clip
+            .as_ref()
+            .ok_or_else(|| Error::Model("CLIP vision is not loaded on the CPU".into()))
+    }
+
+    /// See [`Restorer::local_prompt`].
+    pub fn local_prompt(&self, region: &Tensor) -> Result<Tensor> {
+        let out = self.clip()?.forward(&self.clip_pixels(region)?)?;
+        self.local_from_clip(&out)
+    }
+
+    /// See [`Restorer::global_prompt`].
+    pub fn global_prompt(&self, image: &Tensor) -> Result<Tensor> {
+        let out = self.clip()?.forward(&self.clip_pixels(image)?)?;
+        self.global_from_clip(&out)
+    }
+
+    /// Parameters held here: DPIR's parts and, when loaded, CLIP vision and the VAE.
     pub fn param_count(&self) -> usize {
         use dpir_loader::{
             clip_vision_spec, dpir_spec, param_count, vae_decoder_spec, vae_encoder_spec,
         };
         let c = &self.cfgs;
-        let mut n = param_count(&clip_vision_spec(&c.clip)) + param_count(&dpir_spec(&c.dpir));
+        let mut n = param_count(&dpir_spec(&c.dpir));
+        if self.clip.is_some() {
+            n += param_count(&clip_vision_spec(&c.clip));
+        }
         if self.decoder.is_some() {
             n += param_count(&vae_decoder_spec(&c.vae));
         }
