@@ -59,13 +59,17 @@ fn cuda_restore_matches_cpu() {
     let loaded = load().expect("bundled model loads");
     let mut gpu = CudaRestorer::from_model(dev.clone(), &loaded).expect("CUDA restorer");
     let mut cpu = CpuRestorer::from_model(load().expect("bundled model loads")).expect("CPU");
-    println!(
-        "  VAE on the {}",
-        if gpu.gpu_vae() {
+    let on = |gpu: bool| {
+        if gpu {
             "GPU"
         } else {
             "CPU (config not covered by the GPU kernels)"
         }
+    };
+    println!(
+        "  VAE on the {}, CLIP vision on the {}",
+        on(gpu.gpu_vae()),
+        on(gpu.gpu_clip())
     );
     let img = image_io::decode(&example, image_io::DEFAULT_MAX_PIXELS).expect("example");
     let mut report = Report::default();
