@@ -226,10 +226,21 @@ impl Restorer for CudaRestorer {
         (self.mmdit.weight_bytes + vae + clip) as u64 + 4 * self.parts.param_count() as u64
     }
 
-    /// Device bytes of one sampler plan on this tile (the arena of every activation).
+    /// Device bytes of the activation arenas: the sampler's plan on this tile, plus the
+    /// VAE's at its default tile and CLIP's at batch 1 when they run on the GPU.
     fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
-        StepPlan::bytes_for(&self.mmdit, batch, tile_h, tile_w, context_len, PLAN_STEPS)
-            .map_or(0, |b| b as u64)
+        let sampler =
+            StepPlan::bytes_for(&self.mmdit, batch, tile_h, tile_w, context_len, PLAN_STEPS)
+                .unwrap_or(0);
+        let t = crate::pipeline::DEFAULT_VAE_TILE;
+        let f = crate::pipeline::VAE_FACTOR;
+        let vae = self.vae.as_ref().map_or(0, |(e, d)| {
+            let enc = e.plan_bytes(1, t, t).unwrap_or(0);
+            let dec = d.plan_bytes(1, t / f, t / f).unwrap_or(0);
+            enc + dec
+        });
+        let clip = self.clip.as_ref().map_or(0, |c| c.plan_bytes(1));
+        (sampler + vae + clip) as u64
     }
 
     fn memory_tile_limit(&self, context_len: usize, steps: usize) -> Option<usize> {
