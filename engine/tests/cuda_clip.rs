@@ -30,7 +30,6 @@ use cuda_common::*;
 use dpir_engine::cuda::clip::CudaClipVision;
 use dpir_engine::cuda::CudaDevice;
 use dpir_engine::models::clip::{ClipOutput, ClipVision};
-use dpir_engine::weights::seeded_random_weights;
 use dpir_engine::{Error, Tensor};
 use dpir_loader::{clip_vision_spec, ClipVisionConfig};
 
@@ -40,19 +39,7 @@ const E2E_TOL: f32 = 5e-2;
 const COS_MIN: f32 = 0.999;
 
 fn weights(cfg: &ClipVisionConfig, seed: u64) -> HashMap<String, Tensor> {
-    seeded_random_weights(clip_vision_spec(cfg), seed)
-        .into_iter()
-        .map(|(n, t)| {
-            let data = bf16_round(&t.data);
-            (
-                n,
-                Tensor {
-                    shape: t.shape,
-                    data,
-                },
-            )
-        })
-        .collect()
+    bf16_weights(clip_vision_spec(cfg), seed)
 }
 
 /// Normalised-pixel-like values in [-2, 2], rounded to bf16 (the GPU rounds its input).
@@ -65,12 +52,6 @@ fn pixels(cfg: &ClipVisionConfig, b: usize, seed: u64) -> Tensor {
     }
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    (dot / (na * nb).max(1e-300)) as f32
-}
 
 /// One output: shape, NaN, cosine, then the relative error (the case's metric).
 fn compare(what: &str, got: &Tensor, want: &Tensor) -> Result<f32, Error> {

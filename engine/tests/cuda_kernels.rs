@@ -830,8 +830,9 @@ fn attention_cases(
     _rng: &mut Rng,
 ) {
     // Unfused path first: a fault in a fused kernel would poison the context for the rest.
-    // Then both instantiations of the fused kernel (8 warps × 16 rows, 4 warps × 32 rows),
-    // each with the separate RMSNorm kernel and with its own fused qk-norm.
+    // Then every fused variant in `AttnVariant::ALL` order (8 warps × 16 rows, 4 warps × 32
+    // rows, then the sm_90a-only wgmma ones, reported as not loaded on other GPUs), each with the
+    // separate RMSNorm kernel and with its own fused qk-norm.
     let mut all_paths: Vec<(String, Option<AttnVariant>, bool)> =
         vec![("unfused".to_string(), None, false)];
     for v in AttnVariant::ALL {
@@ -957,6 +958,77 @@ fn attention_cases(
             }
         }
     }
+}
+
+/// Needs no GPU: every attention variant's launch configuration mirrors the defines of
+/// `kernels/cuda/attention.cu`, its name round-trips through `AttnVariant::parse`, its kernels
+/// are in the sm_90a image, and the sm_90a-only wgmma kernels are absent from the sm_80 image
+/// (so that the host sees them as not loaded there and refuses the variant).
+#[test]
+fn attn_variants_mirror_the_kernels() {
+    use dpir_kernels::KernelModule;
+    let m = KernelModule::Attention;
+    let src = m.source();
+    let define = |name: &str| -> usize {
+        let key = format!("#define {name} ");
+        let line = src
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .unwrap_or_else(|| panic!("{name} is not defined in attention.cu"));
+        line[key.len()..]
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a plain number"))
+    };
+    // A NUL-terminated symbol name (or the tail of a section name) in an ELF image.
+    let has = |img: &[u8], name: &str| {
+        let n = name.len();
+        img.windows(n + 1)
+            .any(|w| &w[..n] == name.as_bytes() && w[n] == 0)
+    };
+    let (bm, bn) = (
+        define("JOINT_ATTN_HD64_BLOCK_M"),
+        define("JOINT_ATTN_HD64_BLOCK_N"),
+    );
+    let (wg_bm, wg_bn, wg_stages) = (
+        define("JOINT_ATTN_HD64_WG_BLOCK_M"),
+        define("JOINT_ATTN_HD64_WG_BLOCK_N"),
+        define("JOINT_ATTN_HD64_WG_STAGES"),
+    );
+    assert!(AttnVariant::ALL.contains(&AttnVariant::default()));
+    for v in AttnVariant::ALL {
+        assert_eq!(AttnVariant::parse(v.name()), Some(v));
+        let (threads, block_m, smem) = match v {
+            AttnVariant::W8 => (
+                define("JOINT_ATTN_HD64_THREADS"),
+                bm,
+                (bm + 4 * bn) * 64 * 2,
+            ),
+            AttnVariant::W4 => (
+                define("JOINT_ATTN_HD64_W4_THREADS"),
+                bm,
+                (bm + 4 * bn) * 64 * 2,
+            ),
+            AttnVariant::Wgmma | AttnVariant::WgmmaPoly => (
+                define("JOINT_ATTN_HD64_WG_THREADS"),
+                wg_bm,
+                (wg_bm + 2 * wg_stages * wg_bn) * 64 * 2 + 1024,
+            ),
+        };
+        assert_eq!(v.threads() as usize, threads, "{}", v.name());
+        assert_eq!(v.block_m(), block_m, "{}", v.name());
+        assert_eq!(v.smem_bytes() as usize, smem, "{}", v.name());
+        for qk in [false, true] {
+            let k = v.kernel(qk);
+            assert!(has(m.cubin_sm90a(), k), "{k} missing from the sm_90a cubin");
+            let sm80_only_lacks_wgmma = has(m.cubin_sm80(), k) != v.needs_sm90a();
+            assert!(
+                sm80_only_lacks_wgmma,
+                "{k}: wrong presence in the sm_80 cubin"
+            );
+        }
+    }
+    assert_eq!(AttnVariant::parse("w5"), None);
 }
 
 #[test]

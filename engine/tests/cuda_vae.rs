@@ -22,7 +22,6 @@ use std::sync::Arc;
 use cuda_common::*;
 use dpir_engine::cuda::{CudaDevice, CudaVaeDecoder, CudaVaeEncoder};
 use dpir_engine::models::vae::{VaeDecoder, VaeEncoder};
-use dpir_engine::weights::seeded_random_weights;
 use dpir_engine::{Error, Tensor};
 use dpir_loader::{vae_spec, VaeConfig};
 
@@ -32,19 +31,7 @@ const E2E_TOL: f32 = 5e-2;
 const PSNR_MIN: f32 = 40.0;
 
 fn weights(cfg: &VaeConfig, seed: u64) -> HashMap<String, Tensor> {
-    seeded_random_weights(vae_spec(cfg), seed)
-        .into_iter()
-        .map(|(n, t)| {
-            let data = bf16_round(&t.data);
-            (
-                n,
-                Tensor {
-                    shape: t.shape,
-                    data,
-                },
-            )
-        })
-        .collect()
+    bf16_weights(vae_spec(cfg), seed)
 }
 
 /// Uniform values in [-amp, amp], rounded to bf16 (the GPU converts its input to bf16).
@@ -56,25 +43,6 @@ fn input(shape: &[usize], amp: f32, seed: u64) -> Tensor {
     }
 }
 
-/// `20 log10((max − min of want) / rmse)`; NaN or a length mismatch gives −inf.
-fn psnr(got: &[f32], want: &[f32]) -> f32 {
-    if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
-        return f32::NEG_INFINITY;
-    }
-    let (lo, hi) = want
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-            (l.min(v), h.max(v))
-        });
-    let mse = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        / want.len().max(1) as f64;
-    (20.0 * ((hi - lo) as f64 / mse.sqrt().max(1e-30)).log10()) as f32
-}
-
 /// Compares one output: shape, then relative error (the case's metric) and PSNR.
 fn compare(got: &Tensor, want: &Tensor) -> Result<(f32, f32), Error> {
     if got.shape != want.shape {
@@ -84,7 +52,7 @@ fn compare(got: &Tensor, want: &Tensor) -> Result<(f32, f32), Error> {
         )));
     }
     let err = rel_err(&got.data, &want.data);
-    let p = psnr(&got.data, &want.data);
+    let p = psnr_range(&got.data, &want.data);
     println!("  rel err {err:.3e}, PSNR {p:.1} dB");
     if p.is_nan() || p < PSNR_MIN {
         return Err(Error::Arg(format!(

@@ -2,8 +2,11 @@
 //
 // What it does
 //   1. Prints the device, then each kernel's registers, local memory and CTAs per SM.
-//   2. Validates joint_attn_hd64_bf16, joint_attn_hd64_bf16_qknorm and their 4-warp x 32-row
-//      instantiations joint_attn_hd64_w4_bf16(_qknorm) (the engine's default) against a
+//   2. Validates joint_attn_hd64_bf16, joint_attn_hd64_bf16_qknorm, their 4-warp x 32-row
+//      instantiations joint_attn_hd64_w4_bf16(_qknorm) (the engine's default) and, on sm_90
+//      devices, the wgmma version joint_attn_hd64_wgmma_bf16(_qknorm) and its variant with a
+//      quarter of the exponentials on the FMA pipes, joint_attn_hd64_wgmma_poly_bf16(_qknorm)
+//      (elsewhere reported as skipped: the sm_80 image has only trapping stubs) against a
 //      plain f32 CPU reference computed from the same bf16-rounded inputs, at every shape in
 //      `cases`: output buffers are poisoned with NaN, with a poisoned guard region after each
 //      buffer, before every launch, so an element left unwritten or written out of bounds fails
@@ -23,6 +26,8 @@
 // Run (GPU machine):      dist/bin/attention_check            (about 10-30 s, mostly the CPU
 //                                                             reference on all host cores)
 
+// Trapping stubs of the sm_90a-only wgmma kernels for the sm_80 pass (see attention.cu).
+#define JOINT_ATTN_WGMMA_STUBS 1
 #include "../cuda/attention.cu"
 
 #include "check_common.cuh"
@@ -121,31 +126,61 @@ static void poison_outputs(const Problem& p) {
     if (p.d_out_b) cudaCheck(cudaMemset(p.d_out_b, 0xFF, (p.out_b_elems() + kGuardElems) * 2));
 }
 
-// Kernels under test: both production instantiations of the same template body, 8 warps x 16
+// Kernels under test: both production instantiations of the v1 template body, 8 warps x 16
 // query rows (block JOINT_ATTN_HD64_THREADS = 256) and 4 warps x 32 query rows ("w4", block
-// JOINT_ATTN_HD64_W4_THREADS = 128, the engine's default); same grid and shared memory.
+// JOINT_ATTN_HD64_W4_THREADS = 128, the engine's default), same grid and shared memory; and the
+// sm_90a wgmma version and its "poly" exp2 variant (v2: block JOINT_ATTN_HD64_WG_THREADS = 384,
+// 192 query rows per CTA, JOINT_ATTN_HD64_WG_SMEM_BYTES of dynamic shared memory with the
+// opt-in attribute).
 
+enum Kind { kW8, kW4, kWgmma, kWgmmaPoly };
 struct Impl {
     const char* name;
     bool qknorm;
-    bool w4;  // the 4-warp variant
+    Kind kind;
     int threads;
+    int block_m;
+    int smem;
     const void* fn;
 };
 static const Impl kImpls[] = {
-    {"joint_attn_hd64_bf16", false, false, JOINT_ATTN_HD64_THREADS, (const void*)joint_attn_hd64_bf16},
-    {"joint_attn_hd64_bf16_qknorm", true, false, JOINT_ATTN_HD64_THREADS,
-     (const void*)joint_attn_hd64_bf16_qknorm},
-    {"joint_attn_hd64_w4_bf16", false, true, JOINT_ATTN_HD64_W4_THREADS,
-     (const void*)joint_attn_hd64_w4_bf16},
-    {"joint_attn_hd64_w4_bf16_qknorm", true, true, JOINT_ATTN_HD64_W4_THREADS,
+    {"joint_attn_hd64_bf16", false, kW8, JOINT_ATTN_HD64_THREADS, JOINT_ATTN_HD64_BLOCK_M,
+     JOINT_ATTN_HD64_SMEM_BYTES, (const void*)joint_attn_hd64_bf16},
+    {"joint_attn_hd64_bf16_qknorm", true, kW8, JOINT_ATTN_HD64_THREADS, JOINT_ATTN_HD64_BLOCK_M,
+     JOINT_ATTN_HD64_SMEM_BYTES, (const void*)joint_attn_hd64_bf16_qknorm},
+    {"joint_attn_hd64_w4_bf16", false, kW4, JOINT_ATTN_HD64_W4_THREADS, JOINT_ATTN_HD64_BLOCK_M,
+     JOINT_ATTN_HD64_SMEM_BYTES, (const void*)joint_attn_hd64_w4_bf16},
+    {"joint_attn_hd64_w4_bf16_qknorm", true, kW4, JOINT_ATTN_HD64_W4_THREADS,
+     JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_SMEM_BYTES,
      (const void*)joint_attn_hd64_w4_bf16_qknorm},
+    {"joint_attn_hd64_wgmma_bf16", false, kWgmma, JOINT_ATTN_HD64_WG_THREADS,
+     JOINT_ATTN_HD64_WG_BLOCK_M, JOINT_ATTN_HD64_WG_SMEM_BYTES,
+     (const void*)joint_attn_hd64_wgmma_bf16},
+    {"joint_attn_hd64_wgmma_bf16_qknorm", true, kWgmma, JOINT_ATTN_HD64_WG_THREADS,
+     JOINT_ATTN_HD64_WG_BLOCK_M, JOINT_ATTN_HD64_WG_SMEM_BYTES,
+     (const void*)joint_attn_hd64_wgmma_bf16_qknorm},
+    {"joint_attn_hd64_wgmma_poly_bf16", false, kWgmmaPoly, JOINT_ATTN_HD64_WG_THREADS,
+     JOINT_ATTN_HD64_WG_BLOCK_M, JOINT_ATTN_HD64_WG_SMEM_BYTES,
+     (const void*)joint_attn_hd64_wgmma_poly_bf16},
+    {"joint_attn_hd64_wgmma_poly_bf16_qknorm", true, kWgmmaPoly, JOINT_ATTN_HD64_WG_THREADS,
+     JOINT_ATTN_HD64_WG_BLOCK_M, JOINT_ATTN_HD64_WG_SMEM_BYTES,
+     (const void*)joint_attn_hd64_wgmma_poly_bf16_qknorm},
 };
+
+// Whether the device runs the sm_90a image (set in main): the wgmma kernels exist only there.
+static bool g_sm90 = false;
+static bool is_wgmma(const Impl& k) { return k.kind == kWgmma || k.kind == kWgmmaPoly; }
+static bool available(const Impl& k) { return !is_wgmma(k) || g_sm90; }
+// The check runs in two passes, the production (v1) kernels first and the wgmma ones second, so
+// that a fault or hang in a new kernel cannot hide the production results (printed per pass).
+static bool in_pass(const Impl& k, int pass) {
+    return available(k) && is_wgmma(k) == (pass == 1);
+}
 
 // Returns false (after printing the error) when the launch itself is rejected.
 static bool launch(const Problem& p, const Impl& k, cudaStream_t stream = 0) {
     const int L = p.L();
-    dim3 grid((L + JOINT_ATTN_HD64_BLOCK_M - 1) / JOINT_ATTN_HD64_BLOCK_M, p.H, p.B);
+    dim3 grid((L + k.block_m - 1) / k.block_m, p.H, p.B);
     dim3 block(k.threads);
     const __nv_bfloat16* qa = reinterpret_cast<const __nv_bfloat16*>(p.d_qkv_a);
     const __nv_bfloat16* qb = reinterpret_cast<const __nv_bfloat16*>(p.d_qkv_b);
@@ -155,8 +190,22 @@ static bool launch(const Problem& p, const Impl& k, cudaStream_t stream = 0) {
     const float* wka = p.La > 0 ? p.d_w + 1 * HD : nullptr;
     const float* wqb = p.d_w + 2 * HD;
     const float* wkb = p.d_w + 3 * HD;
-    const int smem = JOINT_ATTN_HD64_SMEM_BYTES;
-    if (k.w4) {
+    const int smem = k.smem;
+    if (k.kind == kWgmmaPoly) {
+        if (k.qknorm)
+            joint_attn_hd64_wgmma_poly_bf16_qknorm<<<grid, block, smem, stream>>>(
+                qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, wqa, wka, wqb, wkb);
+        else
+            joint_attn_hd64_wgmma_poly_bf16<<<grid, block, smem, stream>>>(
+                qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale);
+    } else if (k.kind == kWgmma) {
+        if (k.qknorm)
+            joint_attn_hd64_wgmma_bf16_qknorm<<<grid, block, smem, stream>>>(
+                qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, wqa, wka, wqb, wkb);
+        else
+            joint_attn_hd64_wgmma_bf16<<<grid, block, smem, stream>>>(qa, qb, oa, ob, p.B, p.La,
+                                                                      p.Lb, p.H, p.scale);
+    } else if (k.kind == kW4) {
         if (k.qknorm)
             joint_attn_hd64_w4_bf16_qknorm<<<grid, block, smem, stream>>>(
                 qa, qb, oa, ob, p.B, p.La, p.Lb, p.H, p.scale, wqa, wka, wqb, wkb);
@@ -325,7 +374,7 @@ static CheckResult compare(const Problem& p, const Reference& ref) {
 static bool report(const char* name, const Problem& p, const CheckResult& r) {
     const double rel = r.max_ref > 0 ? r.max_err / r.max_ref : r.max_err;
     const bool ok = rel <= 1e-2 && r.bad_values == 0 && r.guard_hits == 0 && r.rows_checked > 0;
-    printf("%s %-30s B=%d La=%d Lb=%d H=%d err=%.3e (max|err| %.3e, max|ref| %.3e, rows %ld, "
+    printf("%s %-38s B=%d La=%d Lb=%d H=%d err=%.3e (max|err| %.3e, max|ref| %.3e, rows %ld, "
            "nonfinite %ld, out-of-bounds %ld)\n",
            ok ? "PASS" : "FAIL", name, p.B, p.La, p.Lb, p.H, rel, r.max_err, r.max_ref,
            r.rows_checked, r.bad_values, r.guard_hits);
@@ -373,13 +422,13 @@ struct Shape {
 
 // Validates every implementation with the given qk-norm setting on one problem; returns the
 // number of failing implementations.
-static int validate(const Problem& p, const Reference& ref) {
+static int validate(const Problem& p, const Reference& ref, int pass) {
     int failures = 0;
     for (const Impl& k : kImpls) {
-        if (k.qknorm != p.qknorm) continue;
+        if (k.qknorm != p.qknorm || !in_pass(k, pass)) continue;
         poison_outputs(p);
         if (!launch(p, k)) {
-            printf("FAIL %-30s B=%d La=%d Lb=%d H=%d (launch rejected)\n", k.name, p.B, p.La,
+            printf("FAIL %-38s B=%d La=%d Lb=%d H=%d (launch rejected)\n", k.name, p.B, p.La,
                    p.Lb, p.H);
             ++failures;
             continue;
@@ -407,37 +456,41 @@ int main(int argc, char** argv) {
     cudaCheck(cudaGetDeviceProperties(&prop, dev));
     printf("device: %s (sm_%d%d, %d SMs, L2 %d MiB)\n", prop.name, prop.major, prop.minor,
            prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    printf("launch: grid (ceil(L/%d), H, B), block %d (w4: %d), dynamic smem %d bytes\n",
-           JOINT_ATTN_HD64_BLOCK_M, JOINT_ATTN_HD64_THREADS, JOINT_ATTN_HD64_W4_THREADS,
-           JOINT_ATTN_HD64_SMEM_BYTES);
+    g_sm90 = prop.major == 9;
     for (const Impl& k : kImpls) {
+        printf("launch %-38s grid (ceil(L/%d), H, B), block %d, dynamic smem %d bytes\n", k.name,
+               k.block_m, k.threads, k.smem);
+    }
+    for (const Impl& k : kImpls) {
+        if (!available(k)) {
+            printf("kernel %-38s skipped: wgmma needs sm_90a (this device is sm_%d%d)\n", k.name,
+                   prop.major, prop.minor);
+            continue;
+        }
+        if (k.smem > 48 * 1024)
+            cudaCheck(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           k.smem));
         cudaFuncAttributes fa;
         cudaCheck(cudaFuncGetAttributes(&fa, k.fn));
         int blocks = 0;
-        cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, k.threads,
-                                                                JOINT_ATTN_HD64_SMEM_BYTES));
-        printf("kernel %-30s threads %d, regs %d, local %zu B, CTAs/SM %d (binary sm_%d)\n",
+        cudaCheck(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k.fn, k.threads, k.smem));
+        printf("kernel %-38s threads %d, regs %d, local %zu B, CTAs/SM %d (binary sm_%d)\n",
                k.name, k.threads, fa.numRegs, (size_t)fa.localSizeBytes, blocks,
                fa.binaryVersion);
     }
     fflush(stdout);
 
+    // The ceiling first (before any new kernel can fault the context).
+    const double ceiling = quick ? -1 : cublas_ceiling_tflops();
+    const double ceiling_ref = ceiling > 0 ? ceiling : 798.0;
+
     int failures = 0;
-    // Validation at every supported shape, all rows.
+    // Validation at every supported shape, all rows; then the benchmark shapes, validated on
+    // sampled rows (every output element is still NaN-checked), then timed. The inputs come from
+    // fixed seeds, so pass 2 rebuilds the same problems and reuses pass 1's references.
     const Shape cases[] = {{1, 0, 64, 1},   {1, 7, 50, 2},      {2, 77, 256, 4},
                            {1, 64, 192, 3}, {2, 154, 1024, 24}, {1, 0, 257, 2}};
-    uint64_t seed = 1;
-    for (const Shape& s : cases) {
-        for (int qk = 0; qk < 2; ++qk) {
-            Problem p;
-            make_problem(p, s.B, s.La, s.Lb, s.H, qk != 0, seed++);
-            failures += validate(p, compute_reference(p, true));
-            free_problem(p);
-        }
-    }
-
-    // Benchmark shapes: validate sampled rows (every output element is still NaN-checked),
-    // then time.
     const Shape bench_shapes[] = {{2, 154, 4096, 24}, {2, 154, 4096, 38}};
     const char* bench_names[] = {"SD3-medium 1024^2 CFG", "SD3.5-large 1024^2 CFG"};
     const size_t flush_bytes = (size_t)2 * (prop.l2CacheSize > 0 ? prop.l2CacheSize : (64 << 20));
@@ -449,41 +502,64 @@ int main(int argc, char** argv) {
         Shape s;
         double ms, tf;
     };
-    std::vector<Row> rows;
     const int iters = 20;
-    for (int bi = 0; bi < (quick ? 0 : 2); ++bi) {
-        const Shape& s = bench_shapes[bi];
-        for (int qk = 0; qk < 2; ++qk) {
-            Problem p;
-            make_problem(p, s.B, s.La, s.Lb, s.H, qk != 0, seed++);
-            failures += validate(p, compute_reference(p, false));
-            for (const Impl& k : kImpls) {
-                if (k.qknorm != p.qknorm) continue;
-                double ms = 0;
-                const double tf = bench(p, k, flush, flush_bytes, iters, &ms);
-                rows.push_back({bench_names[bi], k.name, s, ms, tf});
+    std::vector<Reference> refs;  // per (shape, qk-norm) problem, in order
+    for (int pass = 0; pass < (g_sm90 ? 2 : 1); ++pass) {
+        printf("\n== pass %d: %s\n", pass + 1,
+               pass == 0 ? "production kernels (v1, mma.sync)" : "wgmma kernels (v2, sm_90a)");
+        fflush(stdout);
+        uint64_t seed = 1;
+        size_t ri = 0;
+        auto reference = [&](const Problem& p, bool all_rows) -> const Reference& {
+            if (ri == refs.size()) refs.push_back(compute_reference(p, all_rows));
+            return refs[ri++];
+        };
+        for (const Shape& s : cases) {
+            for (int qk = 0; qk < 2; ++qk) {
+                Problem p;
+                make_problem(p, s.B, s.La, s.Lb, s.H, qk != 0, seed++);
+                failures += validate(p, reference(p, true), pass);
+                free_problem(p);
             }
-            free_problem(p);
         }
+        std::vector<Row> rows;
+        for (int bi = 0; bi < (quick ? 0 : 2); ++bi) {
+            const Shape& s = bench_shapes[bi];
+            for (int qk = 0; qk < 2; ++qk) {
+                Problem p;
+                make_problem(p, s.B, s.La, s.Lb, s.H, qk != 0, seed++);
+                failures += validate(p, reference(p, false), pass);
+                for (const Impl& k : kImpls) {
+                    if (k.qknorm != p.qknorm || !in_pass(k, pass)) continue;
+                    double ms = 0;
+                    const double tf = bench(p, k, flush, flush_bytes, iters, &ms);
+                    rows.push_back({bench_names[bi], k.name, s, ms, tf});
+                }
+                free_problem(p);
+            }
+        }
+        if (quick) continue;
+        printf("\nbenchmark, pass %d (CUDA events, L2 flushed, mean of %d; FLOPs = "
+               "4*B*H*L^2*64)\n",
+               pass + 1, iters);
+        if (ceiling > 0)
+            printf("ceiling: cuBLAS bf16 GEMM 8192^3 measured here: %.1f TFLOP/s\n", ceiling);
+        else
+            printf("ceiling: cuBLAS not loadable here; reference 798 TFLOP/s (bf16 GEMM measured "
+                   "on H100)\n");
+        for (const Row& r : rows) {
+            if (r.tf < 0) {
+                printf("%-24s %-38s not timed (launch rejected)\n", r.shape, r.kernel);
+                continue;
+            }
+            printf("%-24s %-38s B=%d La=%d Lb=%d H=%d  %8.3f ms  %6.1f TFLOP/s  (%4.1f%% of "
+                   "ceiling)\n",
+                   r.shape, r.kernel, r.s.B, r.s.La, r.s.Lb, r.s.H, r.ms, r.tf,
+                   100.0 * r.tf / ceiling_ref);
+        }
+        fflush(stdout);
     }
     cudaCheck(cudaFree(flush));
-
-    const double ceiling = quick ? -1 : cublas_ceiling_tflops();
-    printf("\nbenchmark (CUDA events, L2 flushed, mean of %d; FLOPs = 4*B*H*L^2*64)\n", iters);
-    if (ceiling > 0)
-        printf("ceiling: cuBLAS bf16 GEMM 8192^3 measured here: %.1f TFLOP/s\n", ceiling);
-    else
-        printf("ceiling: cuBLAS not loadable here; reference 798 TFLOP/s (bf16 GEMM measured on "
-               "H100)\n");
-    const double ref = ceiling > 0 ? ceiling : 798.0;
-    for (const Row& r : rows) {
-        if (r.tf < 0) {
-            printf("%-24s %-30s not timed (launch rejected)\n", r.shape, r.kernel);
-            continue;
-        }
-        printf("%-24s %-30s B=%d La=%d Lb=%d H=%d  %8.3f ms  %6.1f TFLOP/s  (%4.1f%% of ceiling)\n",
-               r.shape, r.kernel, r.s.B, r.s.La, r.s.Lb, r.s.H, r.ms, r.tf, 100.0 * r.tf / ref);
-    }
 
     printf("\n%s: %d failing case(s)\n", failures ? "FAIL" : "PASS", failures);
     return failures ? 1 : 0;

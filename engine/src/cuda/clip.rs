@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use dpir_loader::ClipVisionConfig;
 
-use super::device::{arena_bytes, Arena, Bf16, CudaDevice, DView, DeviceBuffer};
+use super::device::{arena_bytes, bf16_bits, Arena, Bf16, CudaDevice, DView, DeviceBuffer};
 use super::gemm::Gemm;
 use super::mmdit::Options;
 use super::ops::AttnVariant;
@@ -140,12 +140,6 @@ fn embed_rows(cfg: &ClipVisionConfig, px: &[f32], b: usize) -> Vec<f32> {
 /// kernel and `split_heads` read a qkv row (q of all heads, then k, then v).
 fn fuse_qkv(q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     [q, k, v].concat()
-}
-
-fn bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter()
-        .map(|&x| half::bf16::from_f32(x).to_bits())
-        .collect()
 }
 
 /// Bytes of the weight allocation (every tensor aligned as the arena carves it).
@@ -360,7 +354,7 @@ impl CudaClipVision {
             )));
         }
         let gemm = Gemm::new(&dev)?;
-        let opts = Options::from_env();
+        let opts = Options::from_env().for_device(&dev);
         Ok(Self {
             gemm,
             cfg: cfg.clone(),
@@ -680,6 +674,7 @@ impl ClipPlan {
 
 #[cfg(test)]
 mod tests {
+    use crate::cuda::metrics::{cosine, rel_err};
     use std::collections::HashMap;
 
     use dpir_loader::clip_vision_spec;
@@ -860,22 +855,6 @@ mod tests {
             }
         }
         (x, pooled)
-    }
-
-    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-        got.iter()
-            .zip(want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale
-    }
-
-    fn cosine(a: &[f32], b: &[f32]) -> f32 {
-        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        (dot / (na * nb).max(1e-300)) as f32
     }
 
     /// Seeded weights in the HF layout, rounded to bf16 (what the GPU stores).

@@ -153,6 +153,13 @@ impl Arena {
     }
 }
 
+/// f32 values as bf16 bit patterns (round to nearest even), for `CudaDevice::upload_bf16`.
+pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
 /// The device, its context and one stream, plus every kernel function resolved up front.
 pub struct CudaDevice {
     pub ctx: Arc<CudaContext>,
@@ -223,6 +230,11 @@ const FUNCTIONS: &[(KernelModule, &[&str])] = &[
             "joint_attn_hd64_bf16_qknorm",
             "joint_attn_hd64_w4_bf16",
             "joint_attn_hd64_w4_bf16_qknorm",
+            // sm_90a only (absent from the sm_80 cubin).
+            "joint_attn_hd64_wgmma_bf16",
+            "joint_attn_hd64_wgmma_bf16_qknorm",
+            "joint_attn_hd64_wgmma_poly_bf16",
+            "joint_attn_hd64_wgmma_poly_bf16_qknorm",
         ],
     ),
     (

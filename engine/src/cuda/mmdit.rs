@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use dpir_loader::config::MmditConfig;
 
-use super::device::{arena_bytes, Arena, Bf16, CudaDevice, DView, DeviceBuffer, Elem};
+use super::device::{arena_bytes, bf16_bits, Arena, Bf16, CudaDevice, DView, DeviceBuffer, Elem};
 use super::gemm::Gemm;
 use super::nvtx;
 use super::ops::AttnVariant;
@@ -118,16 +118,36 @@ impl Default for Options {
 }
 
 impl Options {
-    /// Defaults, overridable by `DPIR_ATTENTION=unfused`, `DPIR_ATTN_VARIANT=w8|w4`,
-    /// `DPIR_FUSED_QKNORM=1`, `DPIR_GELU_EPILOGUE=0`, `DPIR_CUDA_GRAPH=0`. An unknown
-    /// `DPIR_ATTN_VARIANT` keeps the default with a one-line warning.
+    /// These options with an attention variant whose kernels this device has loaded: a
+    /// variant built only for sm_90a (the wgmma ones) falls back to the default on other
+    /// GPUs, with a one-line warning.
+    pub fn for_device(mut self, dev: &CudaDevice) -> Self {
+        let v = self.attn_variant;
+        if !dev.has_func(v.kernel(false)) && dev.has_func(AttnVariant::default().kernel(false)) {
+            eprintln!(
+                "warning: attention variant `{}` is not loaded on this device (sm_{}{}); using `{}`",
+                v.name(),
+                dev.cc.0,
+                dev.cc.1,
+                AttnVariant::default().name()
+            );
+            self.attn_variant = AttnVariant::default();
+        }
+        self
+    }
+
+    /// Defaults, overridable by `DPIR_ATTENTION=unfused`,
+    /// `DPIR_ATTN_VARIANT=w8|w4|wgmma|wgmma-poly`, `DPIR_FUSED_QKNORM=1`,
+    /// `DPIR_GELU_EPILOGUE=0`, `DPIR_CUDA_GRAPH=0`. An unknown `DPIR_ATTN_VARIANT` keeps the
+    /// default with a one-line warning.
     pub fn from_env() -> Self {
         let flag = |k: &str| std::env::var(k).map(|v| v == "1").unwrap_or(false);
         let d = Self::default();
         let attn_variant = match std::env::var("DPIR_ATTN_VARIANT") {
             Ok(v) => AttnVariant::parse(&v).unwrap_or_else(|| {
                 eprintln!(
-                    "warning: DPIR_ATTN_VARIANT={v:?} is not w8 or w4; using {}",
+                    "warning: DPIR_ATTN_VARIANT={v:?} is not a known variant \
+                     (w8, w4, wgmma, wgmma-poly); using {}",
                     d.attn_variant.name()
                 );
                 d.attn_variant
@@ -199,12 +219,6 @@ pub struct CudaMmdit {
     final_ada: Lin,
     final_linear: Lin,
     plan_cache: Option<StepPlan>,
-}
-
-fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter()
-        .map(|&x| half::bf16::from_f32(x).to_bits())
-        .collect()
 }
 
 /// A small deterministic generator for random weights (xorshift64*).
@@ -292,7 +306,7 @@ impl CudaMmdit {
                 fl.insert(s.name.clone(), v);
             } else {
                 let v = arena.carve::<Bf16>(s.numel())?;
-                dev.upload_bf16(v, &to_bf16_bits(&data))?;
+                dev.upload_bf16(v, &bf16_bits(&data))?;
                 bf.insert(s.name.clone(), v);
             }
         }
@@ -369,7 +383,7 @@ impl CudaMmdit {
         Ok(Self {
             gemm,
             cfg: cfg.clone(),
-            opts: Options::from_env(),
+            opts: Options::from_env().for_device(&dev),
             weight_bytes: total,
             x_embedder,
             pos_embed: get("pos_embed")?,
@@ -1295,15 +1309,15 @@ impl StepPlan {
     ) -> Result<()> {
         check_len(y.numel(), self.y_in.len, "y")?;
         check_len(context.numel(), self.ctx_in.len, "context")?;
-        dev.upload_bf16(self.y_in, &to_bf16_bits(&y.data))?;
+        dev.upload_bf16(self.y_in, &bf16_bits(&y.data))?;
         if !context.data.is_empty() {
-            dev.upload_bf16(self.ctx_in, &to_bf16_bits(&context.data))?;
+            dev.upload_bf16(self.ctx_in, &bf16_bits(&context.data))?;
         }
         self.has_lq = false;
         if let Some(inj) = lq {
             check_len(inj.tokens.numel(), self.lq_tokens.len, "LQ tokens")?;
             check_len(inj.gate.len(), self.lq_gate.len, "LQ gate")?;
-            dev.upload_bf16(self.lq_tokens, &to_bf16_bits(&inj.tokens.data))?;
+            dev.upload_bf16(self.lq_tokens, &bf16_bits(&inj.tokens.data))?;
             dev.upload_f32(self.lq_gate, inj.gate)?;
             // A zero gate is exactly SD3 (the CPU reference skips it too).
             self.has_lq = inj.gate.iter().any(|&g| g != 0.0);

@@ -11,6 +11,7 @@
 pub mod clip;
 pub mod device;
 pub mod gemm;
+pub mod metrics;
 pub mod mmdit;
 pub mod nvtx;
 // `#[macro_use]`: the `launch!` macro of `ops` also serves `vae_ops`.

@@ -3,6 +3,7 @@
 //!
 //! Launch shapes mirror the header comment of each `kernels/cuda/*.cu` file.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::device::{derr, Bf16, CudaDevice, DView};
@@ -48,9 +49,11 @@ macro_rules! launch {
     }};
 }
 
-/// Which instantiation of the fused joint attention kernel runs: the same template body and
-/// math (bit-identical results are not guaranteed, only the same reference tolerance), the same
-/// grid and shared memory, a different split of the 128 query rows of a CTA among warps.
+/// Which version of the fused joint attention kernel runs: the same math (bit-identical results
+/// are not guaranteed, only the same reference tolerance) in different kernels. `W8` and `W4`
+/// are two instantiations of the mma.sync body (same grid and shared memory, a different split
+/// of the 128 query rows of a CTA among warps); `Wgmma` and `WgmmaPoly` are the warpgroup-MMA
+/// version, built for sm_90a only.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum AttnVariant {
     /// 8 warps × 16 query rows (256 threads, ≤ 128 registers): `joint_attn_hd64_bf16(_qknorm)`.
@@ -59,25 +62,43 @@ pub enum AttnVariant {
     /// Faster on the H100 (296 vs 267 TFLOP/s at SD3-medium 1024² CFG), the default.
     #[default]
     W4,
+    /// 3 warpgroups × 64 query rows (384 threads, 1 CTA per SM), wgmma with operands in shared
+    /// memory, K/V tiles of 128 keys in 4 cp.async stages: `joint_attn_hd64_wgmma_bf16(_qknorm)`.
+    /// sm_90a (H100/H200) only: on other GPUs its kernels are not loaded and a launch is refused.
+    Wgmma,
+    /// `Wgmma` with a quarter of the softmax exponentials computed by a polynomial on the FMA
+    /// pipes instead of the MUFU unit (which limits head_dim 64):
+    /// `joint_attn_hd64_wgmma_poly_bf16(_qknorm)`. sm_90a only.
+    WgmmaPoly,
 }
 
 impl AttnVariant {
-    /// Both variants, for tests and benchmarks.
-    pub const ALL: [AttnVariant; 2] = [AttnVariant::W8, AttnVariant::W4];
+    /// Every variant, for tests and benchmarks (the wgmma ones last: on GPUs without wgmma they
+    /// are the ones reported unavailable).
+    pub const ALL: [AttnVariant; 4] = [
+        AttnVariant::W8,
+        AttnVariant::W4,
+        AttnVariant::Wgmma,
+        AttnVariant::WgmmaPoly,
+    ];
 
-    /// Short name (`w8`, `w4`), as `DPIR_ATTN_VARIANT` spells it.
+    /// Short name (`w8`, `w4`, `wgmma`, `wgmma-poly`), as `DPIR_ATTN_VARIANT` spells it.
     pub fn name(self) -> &'static str {
         match self {
             AttnVariant::W8 => "w8",
             AttnVariant::W4 => "w4",
+            AttnVariant::Wgmma => "wgmma",
+            AttnVariant::WgmmaPoly => "wgmma-poly",
         }
     }
 
-    /// Parses `w8` / `w4`.
+    /// Parses `w8` / `w4` / `wgmma` / `wgmma-poly`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "w8" => Some(AttnVariant::W8),
             "w4" => Some(AttnVariant::W4),
+            "wgmma" => Some(AttnVariant::Wgmma),
+            "wgmma-poly" => Some(AttnVariant::WgmmaPoly),
             _ => None,
         }
     }
@@ -89,27 +110,48 @@ impl AttnVariant {
             (AttnVariant::W8, true) => "joint_attn_hd64_bf16_qknorm",
             (AttnVariant::W4, false) => "joint_attn_hd64_w4_bf16",
             (AttnVariant::W4, true) => "joint_attn_hd64_w4_bf16_qknorm",
+            (AttnVariant::Wgmma, false) => "joint_attn_hd64_wgmma_bf16",
+            (AttnVariant::Wgmma, true) => "joint_attn_hd64_wgmma_bf16_qknorm",
+            (AttnVariant::WgmmaPoly, false) => "joint_attn_hd64_wgmma_poly_bf16",
+            (AttnVariant::WgmmaPoly, true) => "joint_attn_hd64_wgmma_poly_bf16_qknorm",
         }
     }
 
-    /// Threads per CTA (`JOINT_ATTN_HD64_THREADS` / `JOINT_ATTN_HD64_W4_THREADS`).
+    /// Threads per CTA (`JOINT_ATTN_HD64_THREADS` / `_W4_THREADS` / `_WG_THREADS`).
     pub fn threads(self) -> u32 {
         match self {
             AttnVariant::W8 => 256,
             AttnVariant::W4 => 128,
+            AttnVariant::Wgmma | AttnVariant::WgmmaPoly => 384,
         }
     }
 
-    /// Query rows per CTA (`JOINT_ATTN_HD64_BLOCK_M`, the same for both).
+    /// Query rows per CTA (`JOINT_ATTN_HD64_BLOCK_M` / `JOINT_ATTN_HD64_WG_BLOCK_M`).
     pub fn block_m(self) -> usize {
-        128
+        match self {
+            AttnVariant::W8 | AttnVariant::W4 => 128,
+            AttnVariant::Wgmma | AttnVariant::WgmmaPoly => 192,
+        }
     }
 
-    /// Dynamic shared memory (`JOINT_ATTN_HD64_SMEM_BYTES`: the Q tile plus double-buffered
-    /// K and V tiles of 64 keys, head_dim 64, bf16), the same for both.
+    /// Whether the kernels exist for sm_90a only (wgmma): absent from the sm_80 image.
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self, AttnVariant::Wgmma | AttnVariant::WgmmaPoly)
+    }
+
+    /// Dynamic shared memory, head_dim 64, bf16. `W8`/`W4` (`JOINT_ATTN_HD64_SMEM_BYTES`): the
+    /// Q tile plus double-buffered K and V tiles of 64 keys. `Wgmma`/`WgmmaPoly`
+    /// (`JOINT_ATTN_HD64_WG_SMEM_BYTES`): the Q tile plus 4 stages of K and V tiles of 128 keys
+    /// and 1 KiB of alignment slack; above the default 48 KiB, so the launch opts in.
     pub fn smem_bytes(self) -> u32 {
-        const BLOCK_N: usize = 64;
-        ((self.block_m() + 4 * BLOCK_N) * 64 * 2) as u32
+        const HD: usize = 64;
+        let bytes = match self {
+            AttnVariant::W8 | AttnVariant::W4 => (self.block_m() + 4 * 64) * HD * 2,
+            AttnVariant::Wgmma | AttnVariant::WgmmaPoly => {
+                (self.block_m() + 2 * 4 * 128) * HD * 2 + 1024
+            }
+        };
+        bytes as u32
     }
 }
 
@@ -902,8 +944,10 @@ impl CudaDevice {
 
     /// Fused joint flash attention (`kernels/cuda/attention.cu`), head_dim 64, instantiation
     /// `variant`. `qkv_a` may be empty (la = 0). With `qknorm = Some([w_qa, w_ka, w_qb, w_kb])`
-    /// the fused qk-RMSNorm variant runs. Launch: grid (ceil((la + lb) / 128), heads, b),
-    /// block [`AttnVariant::threads`], 49152 B dynamic shared memory.
+    /// the fused qk-RMSNorm variant runs. Launch: grid (ceil((la + lb) /
+    /// [`AttnVariant::block_m`]), heads, b), block [`AttnVariant::threads`],
+    /// [`AttnVariant::smem_bytes`] of dynamic shared memory. A variant whose kernel is not loaded
+    /// on this device (the wgmma ones below sm_90a) is refused with a one-line error.
     #[allow(clippy::too_many_arguments)]
     pub fn joint_attention_fused_with(
         &self,
@@ -929,6 +973,28 @@ impl CudaDevice {
         qkv_b.need(b * lb * 3 * heads * HD, "attn qkv_b")?;
         out_a.need(b * la * heads * HD, "attn out_a")?;
         out_b.need(b * lb * heads * HD, "attn out_b")?;
+        let name = variant.kernel(qknorm.is_some());
+        if !self.has_func(name) {
+            let (major, minor) = self.cc;
+            return Err(Error::Cuda(if variant.needs_sm90a() {
+                format!(
+                    "attention variant `{}` needs the sm_90a kernel image (H100/H200), not \
+                     loaded on this sm_{major}{minor} device",
+                    variant.name()
+                )
+            } else {
+                format!("attention kernel `{name}` is not loaded on this device")
+            }));
+        }
+        let smem = variant.smem_bytes();
+        if smem > 48 * 1024 {
+            // Opt in to more than the default 48 KiB of dynamic shared memory (idempotent; a
+            // function attribute, not a stream operation, so also fine during graph capture).
+            let attr = CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            self.func(name)?
+                .set_attribute(attr, smem as i32)
+                .map_err(|e| derr(name, e))?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_for(l, block_m)?,
@@ -936,7 +1002,7 @@ impl CudaDevice {
                 int(b, "b")? as u32,
             ),
             block_dim: (variant.threads(), 1, 1),
-            shared_mem_bytes: variant.smem_bytes(),
+            shared_mem_bytes: smem,
         };
         let (bb, a, bl, h) = (
             int(b, "b")?,
@@ -951,42 +1017,15 @@ impl CudaDevice {
             (qkv_a.ptr, out_a.ptr)
         };
         match qknorm {
-            None => launch!(
-                self,
-                variant.kernel(false),
-                cfg,
-                pa,
-                qkv_b.ptr,
-                poa,
-                out_b.ptr,
-                bb,
-                a,
-                bl,
-                h,
-                scale
-            ),
+            None => launch!(self, name, cfg, pa, qkv_b.ptr, poa, out_b.ptr, bb, a, bl, h, scale),
             Some(w) => {
                 for v in &w {
                     v.need(HD, "attn qk-norm weight")?;
                 }
                 let [wqa, wka, wqb, wkb] = w;
                 launch!(
-                    self,
-                    variant.kernel(true),
-                    cfg,
-                    pa,
-                    qkv_b.ptr,
-                    poa,
-                    out_b.ptr,
-                    bb,
-                    a,
-                    bl,
-                    h,
-                    scale,
-                    wqa.ptr,
-                    wka.ptr,
-                    wqb.ptr,
-                    wkb.ptr
+                    self, name, cfg, pa, qkv_b.ptr, poa, out_b.ptr, bb, a, bl, h, scale, wqa.ptr,
+                    wka.ptr, wqb.ptr, wkb.ptr
                 )
             }
         }

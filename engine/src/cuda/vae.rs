@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use dpir_loader::VaeConfig;
 
-use super::device::{arena_bytes, Arena, Bf16, CudaDevice, DView, DeviceBuffer};
+use super::device::{arena_bytes, bf16_bits, Arena, Bf16, CudaDevice, DView, DeviceBuffer};
 use super::gemm::Gemm;
 use super::vae_ops::{gn_part_floats, ConvKernel, ConvShape, GN_GROUPS, GN_MAX_CHANNELS};
 use crate::error::{Error, Result};
@@ -96,12 +96,6 @@ pub(crate) fn conv_weight_ohwi(
         }
     }
     out
-}
-
-fn bf16_bits(v: &[f32]) -> Vec<u16> {
-    v.iter()
-        .map(|&x| half::bf16::from_f32(x).to_bits())
-        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -1031,6 +1025,7 @@ impl CudaVaeDecoder {
 
 #[cfg(test)]
 mod tests {
+    use crate::cuda::metrics::{psnr_range, rel_err};
     use std::collections::HashMap;
 
     use dpir_loader::vae_spec;
@@ -1189,31 +1184,6 @@ mod tests {
         }
     }
 
-    fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-        got.iter()
-            .zip(want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale
-    }
-
-    /// `20 log10((max − min of want) / rmse)`: PSNR over the reference's dynamic range.
-    fn psnr(got: &[f32], want: &[f32]) -> f32 {
-        let (lo, hi) = want
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-                (l.min(v), h.max(v))
-            });
-        let mse = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            / want.len().max(1) as f64;
-        (20.0 * ((hi - lo) as f64 / mse.sqrt().max(1e-30)).log10()) as f32
-    }
-
     /// The step list (with its recorded names) for `cfg`, from a dry run over `w`.
     fn steps_named(cfg: &VaeConfig, part: Part, w: &dyn WeightSource) -> (Vec<Step>, Vec<String>) {
         let mut ld = Loader {
@@ -1273,7 +1243,7 @@ mod tests {
                 inp.shape,
                 out[k].0,
                 out[k].1,
-                psnr(&b.data, &want.data)
+                psnr_range(&b.data, &want.data)
             );
         }
         out

@@ -1,7 +1,7 @@
 //! Shared harness of the GPU tests: device setup with a visible skip, seeded inputs rounded
 //! to bf16 (so the f32 CPU reference sees exactly what the GPU sees), poisoned outputs, and
 //! a PASS/FAIL line per case that never stops the run.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::sync::Arc;
 
@@ -63,16 +63,21 @@ pub fn bits(v: &[f32]) -> Vec<u16> {
         .collect()
 }
 
-/// Max |a − b| / max |b|; NaN anywhere (or a length mismatch) gives infinity.
-pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
-        return f32::INFINITY;
-    }
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-    got.iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        / scale
+pub use dpir_engine::cuda::metrics::{cosine, psnr_range, rel_err};
+
+/// Seeded weights of a spec (`engine::weights::seeded_random_weights`), rounded to bf16 so
+/// the CPU reference sees exactly what the GPU stores.
+pub fn bf16_weights(
+    spec: dpir_loader::Spec,
+    seed: u64,
+) -> std::collections::HashMap<String, dpir_engine::Tensor> {
+    dpir_engine::weights::seeded_random_weights(spec, seed)
+        .into_iter()
+        .map(|(n, mut t)| {
+            t.data = bf16_round(&t.data);
+            (n, t)
+        })
+        .collect()
 }
 
 /// Test-side allocations (buffers live until the harness drops).
