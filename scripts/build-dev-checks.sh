@@ -5,8 +5,8 @@
 #
 #   scripts/build-dev-checks.sh [attention|vae]...     (no argument: all of them)
 #
-# Needs only a CUDA 13.0 toolchain (no GPU): nvcc on PATH, or CUDA_HOME / NVCC pointing at one
-# (the pip wheels' nvidia/cu13 layout and /usr/local/cuda both work). cudart is linked
+# Needs only a CUDA 13.0 toolchain (no GPU): NVCC / CUDA_HOME, nvcc on PATH, /usr/local/cuda,
+# or the pip toolchain scripts/build-kernels.sh installs (the nvidia/cu13 layout). cudart is linked
 # statically when libcudart_static.a is found, so the binaries run on a GPU machine with only
 # the driver installed; libstdc++ stays dynamic (a static one needs glibc 2.36 for
 # arc4random), so they need glibc >= 2.34 there, like the dpir binary.
@@ -20,7 +20,10 @@ find_nvcc() {
     if [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]]; then echo "$CUDA_HOME/bin/nvcc"; return; fi
     if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
     if [[ -x /usr/local/cuda/bin/nvcc ]]; then echo /usr/local/cuda/bin/nvcc; return; fi
-    echo "error: nvcc not found (set NVCC or CUDA_HOME, or put a CUDA 13.0 nvcc on PATH)" >&2
+    # The pinned pip toolchain scripts/build-kernels.sh installs.
+    local cache="${DPIR_CUDA_CACHE:-$HOME/.cache/dpir/cuda-13.0}"
+    if [[ -x "$cache/nvidia/cu13/bin/nvcc" ]]; then echo "$cache/nvidia/cu13/bin/nvcc"; return; fi
+    echo "error: nvcc not found (run scripts/build-kernels.sh once to install the pinned CUDA 13.0 toolchain, or set NVCC / CUDA_HOME)" >&2
     exit 1
 }
 NVCC_BIN="$(find_nvcc)"

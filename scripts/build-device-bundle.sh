@@ -6,9 +6,13 @@
 #   dist/bin/cuda_vae             CUDA VAE encoder/decoder vs the CPU VAE
 #   dist/bin/cuda_clip            CUDA CLIP vision vs the CPU CLIP vision
 #   dist/bin/cuda_restore         end-to-end restore on the GPU vs the CPU (PSNR >= 45 dB)
-# (dist/bin/attention_check and dist/bin/vae_check are built separately by scripts/build-dev-checks.sh.)
-# Then copy dist/ (and .whl/ for the PyTorch baseline) to the GPU machine and run
+#   dist/bin/attention_check, vae_check   standalone kernel checks (scripts/build-dev-checks.sh)
+#   dist/bin/candle_mmdit_cuda     the candle CUDA baseline (scripts/build-candle-cuda.sh; slow
+#                                  the first time: skipped with --no-candle)
+# Then carry dist/bin (and .whl/ for the PyTorch baseline) to the GPU machine and run
 # scripts/device-check.sh OUTDIR there.
+#
+#   scripts/build-device-bundle.sh [--no-candle]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p dist/bin
@@ -29,6 +33,8 @@ for line in sys.stdin:
             shutil.copy(m["executable"], "dist/bin/" + name)
             print("dist/bin/" + name)
 '
+scripts/build-dev-checks.sh
+if [[ "${1:-}" != --no-candle ]]; then scripts/build-candle-cuda.sh; fi
 for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
 ls -la dist/bin
 du -sh dist

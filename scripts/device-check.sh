@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine, from the repo root. Builds nothing: it runs the
-# binaries prebuilt by scripts/build-device-bundle.sh (dist/bin/), the standalone attention
-# check if present (dist/bin/attention_check), the benches, and the PyTorch baseline (diffusers
-# carried as wheels in .whl/). Every stage runs under a timeout; the whole run stays under
+# binaries prebuilt by scripts/build-device-bundle.sh (dist/bin/): the GPU tests, the
+# standalone kernel checks (dist/bin/*_check), the benches, and the baselines: candle CUDA
+# (dist/bin/candle_mmdit_cuda) and PyTorch (diffusers carried as wheels in .whl/). Every stage runs under a timeout; the whole run stays under
 # 8 minutes. Writes into OUTDIR (five files, no subfolders):
 #   tests.log  bench.log  torch.log  summary.json  summary.md
 # summary.json holds every stage's JSON (benches, profile, restore, baselines);
@@ -35,7 +35,7 @@ stage() {
   echo "== $name: rc $rc in $(( $(date +%s) - t0 ))s" | tee -a "$log"
 }
 
-# CUDA libraries (cuBLASLt, NVRTC) for the dynamically loading binaries: look where the
+# CUDA libraries (cuBLASLt, NVRTC; cuBLAS, cuRAND for the candle baseline) for the binaries: look where the
 # CUDA toolkit and PyTorch's wheels keep them.
 libdirs=()
 pysite=$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null || true)
@@ -89,6 +89,10 @@ if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-de
 else
   echo "skipped: diffusers wheels missing or not installable (.whl/)" | tee -a "$OUT/torch.log"; RC[torch]=skip
 fi
+
+if [[ -x dist/bin/candle_mmdit_cuda ]]; then
+  stage candle_cuda 120 "$OUT/bench.log" dist/bin/candle_mmdit_cuda --config sd3-medium-1024 --warmup 3 --reps 10 --json "$J/candle_cuda.json"
+else echo "== candle_cuda: missing dist/bin/candle_mmdit_cuda" | tee -a "$OUT/bench.log"; RC[candle_cuda]=missing; fi
 
 if [[ -x dist/bin/dpir ]]; then
   stage bench_sd35 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config sd35-medium-1024 --reps 5 --json "$J/bench_sd35.json"
