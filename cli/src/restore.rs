@@ -466,8 +466,11 @@ fn restore_with_retry(
     tag: &str,
 ) -> Result<Tensor, String> {
     let mut p = params.clone();
+    let mut line = ProgressLine::new(tag);
     loop {
-        match pipeline::restore(model, lq, &p, t5) {
+        let run = pipeline::restore_with_progress(model, lq, &p, t5, &mut |pr| line.show(pr));
+        line.clear();
+        match run {
             Ok(t) => return Ok(t),
             Err(e) if is_oom(&e) => {
                 let dims = model.dims();
@@ -488,6 +491,49 @@ fn restore_with_retry(
                 p.vae_tile = Some(p.vae_tile.unwrap_or(pipeline::DEFAULT_VAE_TILE).min(next));
             }
             Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// A one-line progress display on stderr (only when stderr is a terminal, and only after
+/// the first second, so quick runs and logs stay clean).
+struct ProgressLine {
+    tag: String,
+    start: Instant,
+    on: bool,
+    drawn: bool,
+}
+
+impl ProgressLine {
+    fn new(tag: &str) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            tag: tag.to_string(),
+            start: Instant::now(),
+            on: std::io::stderr().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, p: pipeline::Progress) {
+        if !self.on || self.start.elapsed().as_secs_f64() < 1.0 {
+            return;
+        }
+        eprint!(
+            "\r\x1b[2K{} {} {}/{} ({:.0} s)",
+            self.tag,
+            p.stage.name(),
+            p.done,
+            p.total,
+            self.start.elapsed().as_secs_f64()
+        );
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[2K");
+            self.drawn = false;
         }
     }
 }

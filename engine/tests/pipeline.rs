@@ -583,3 +583,50 @@ fn tiled_peak_memory_is_bounded_by_the_tile() {
         "untiled peak {peak_u} vs tiled {peak_s}"
     );
 }
+
+#[test]
+fn progress_reports_every_stage_in_order() {
+    use dpir_engine::pipeline::{Progress, Stage};
+    let _g = serial();
+    let mut m = model(8);
+    let p = RestoreParams {
+        scale: 2,
+        steps: 3,
+        tile: Some(32),
+        vae_tile: Some(32),
+        ..params()
+    };
+    let plan = pipeline::plan(&m.dims(), 24, 24, &p).unwrap();
+    let (n_vae, n_tiles) = (plan.vae_tiles.len(), plan.tiles.len());
+    assert!(
+        n_vae > 1 && n_tiles > 1,
+        "{n_vae} VAE tiles, {n_tiles} tiles"
+    );
+    let mut seen: Vec<Progress> = Vec::new();
+    pipeline::restore_with_progress(&mut m, &picture(24, 24), &p, None, &mut |pr| seen.push(pr))
+        .unwrap();
+    let ends: Vec<(Stage, usize)> = seen
+        .iter()
+        .filter(|pr| pr.done == pr.total)
+        .map(|pr| (pr.stage, pr.total))
+        .collect();
+    assert_eq!(
+        ends,
+        vec![
+            (Stage::Encode, n_vae),
+            (Stage::Prompts, n_tiles),
+            (Stage::Sample, 3),
+            (Stage::Decode, n_vae)
+        ]
+    );
+    // Within a stage the count never goes back, and every unit is announced.
+    for stage in [Stage::Encode, Stage::Prompts, Stage::Sample, Stage::Decode] {
+        let done: Vec<usize> = seen
+            .iter()
+            .filter(|pr| pr.stage == stage)
+            .map(|pr| pr.done)
+            .collect();
+        let total = seen.iter().find(|pr| pr.stage == stage).unwrap().total;
+        assert_eq!(done, (0..=total).collect::<Vec<_>>(), "{stage:?}");
+    }
+}

@@ -249,16 +249,62 @@ fn stack(parts: &[&Tensor]) -> Tensor {
     Tensor { shape, data }
 }
 
+/// Where a restoration is, for a progress display: `done` of `total` units of `stage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub stage: Stage,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// The stages of [`restore`], in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Robust VAE encoder, per VAE tile.
+    Encode,
+    /// CLIP prompts, per diffusion tile (plus the global one).
+    Prompts,
+    /// Sampling, per step (each step covers every diffusion tile).
+    Sample,
+    /// VAE decoder, per VAE tile.
+    Decode,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Encode => "encode",
+            Stage::Prompts => "prompts",
+            Stage::Sample => "sample",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
 /// Tiled VAE encode of `[3, H, W]` (in [-1, 1]) → `[C, H/8, W/8]`.
 pub fn encode_tiled<R: Restorer + ?Sized>(
     model: &mut R,
     image: &Tensor,
     tiles: &[Tile],
 ) -> Result<Tensor> {
+    encode_tiled_with(model, image, tiles, &mut |_| {})
+}
+
+fn encode_tiled_with<R: Restorer + ?Sized>(
+    model: &mut R,
+    image: &Tensor,
+    tiles: &[Tile],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
     let c = model.dims().latent_channels;
     let (lh, lw) = (image.shape[1] / VAE_FACTOR, image.shape[2] / VAE_FACTOR);
     let mut blend = Blender::new(c, lh, lw);
-    for t in tiles {
+    for (i, t) in tiles.iter().enumerate() {
+        progress(Progress {
+            stage: Stage::Encode,
+            done: i,
+            total: tiles.len(),
+        });
         let px = t.scaled(VAE_FACTOR);
         let region = crop(image, px.y0, px.x0, px.h, px.w);
         let z = unbatched(model.encode_lq(&batched(&region))?)?;
@@ -279,9 +325,23 @@ pub fn decode_tiled<R: Restorer + ?Sized>(
     z: &Tensor,
     tiles: &[Tile],
 ) -> Result<Tensor> {
+    decode_tiled_with(model, z, tiles, &mut |_| {})
+}
+
+fn decode_tiled_with<R: Restorer + ?Sized>(
+    model: &mut R,
+    z: &Tensor,
+    tiles: &[Tile],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
     let (lh, lw) = (z.shape[1], z.shape[2]);
     let mut blend = Blender::new(3, lh * VAE_FACTOR, lw * VAE_FACTOR);
-    for t in tiles {
+    for (i, t) in tiles.iter().enumerate() {
+        progress(Progress {
+            stage: Stage::Decode,
+            done: i,
+            total: tiles.len(),
+        });
         let zt = crop(z, t.y0, t.x0, t.h, t.w);
         let img = unbatched(model.decode(&batched(&zt))?)?;
         let px = t.scaled(VAE_FACTOR);
@@ -355,6 +415,18 @@ pub fn restore<R: Restorer + ?Sized>(
     p: &RestoreParams,
     t5: Option<&Tensor>,
 ) -> Result<Tensor> {
+    restore_with_progress(model, lq, p, t5, &mut |_| {})
+}
+
+/// [`restore`], calling `progress` before each unit of work (a tile, a step) and once at
+/// the end of each stage (`done == total`).
+pub fn restore_with_progress<R: Restorer + ?Sized>(
+    model: &mut R,
+    lq: &Tensor,
+    p: &RestoreParams,
+    t5: Option<&Tensor>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
     let dims = model.dims();
     if lq.shape.len() != 3 || lq.shape[0] != 3 {
         return Err(Error::Model(format!(
@@ -380,7 +452,10 @@ pub fn restore<R: Restorer + ?Sized>(
     let padded = reflect_pad(&up, plan.pad_h, plan.pad_w);
 
     // 2. LQ latent (tiled robust encoder).
-    let z_lq = encode_tiled(model, &padded, &plan.vae_tiles)?;
+    let z_lq = encode_tiled_with(model, &padded, &plan.vae_tiles, progress)?;
+    let n_vae = plan.vae_tiles.len();
+    let mut report = |stage, done, total| progress(Progress { stage, done, total });
+    report(Stage::Encode, n_vae, n_vae);
 
     // 3. Prompts: one global, one local per diffusion tile.
     let y = model.global_prompt(&up)?;
@@ -393,7 +468,9 @@ pub fn restore<R: Restorer + ?Sized>(
     }
     let y = y.reshape(&[dims.pooled_dim])?;
     let mut conds = Vec::with_capacity(plan.tiles.len());
-    for t in &plan.tiles {
+    let n_tiles = plan.tiles.len();
+    for (i, t) in plan.tiles.iter().enumerate() {
+        report(Stage::Prompts, i, n_tiles);
         let px = t.scaled(VAE_FACTOR);
         let local = model.local_prompt(&crop(&padded, px.y0, px.x0, px.h, px.w))?;
         let context = match t5 {
@@ -405,6 +482,7 @@ pub fn restore<R: Restorer + ?Sized>(
         };
         conds.push(TileConditions { tile: *t, context });
     }
+    report(Stage::Prompts, n_tiles, n_tiles);
 
     // 4. Sample: start from noise, or from the LQ latent noised to σ_start.
     let c = dims.latent_channels;
@@ -424,6 +502,8 @@ pub fn restore<R: Restorer + ?Sized>(
     };
     drop(up);
     let sigmas = &plan.sigmas[plan.start..];
+    let n_steps = sigmas.len().saturating_sub(1);
+    report(Stage::Sample, 0, n_steps);
     // LQ tokens are recomputed per tile and step (not held for every tile: memory stays
     // bounded by the tile), except for the one-tile loop a backend may run on its own.
     let tile_lq =
@@ -435,9 +515,14 @@ pub fn restore<R: Restorer + ?Sized>(
         }
         _ => None,
     };
+    let mut step = 0;
     let z = match on_device {
         Some(z) => z,
         None => schedule::euler(z0, sigmas, |z, sigma| {
+            if step > 0 {
+                report(Stage::Sample, step, n_steps);
+            }
+            step += 1;
             let mut blend = Blender::new(c, lh, lw);
             for cond in &conds {
                 let t = cond.tile;
@@ -452,8 +537,15 @@ pub fn restore<R: Restorer + ?Sized>(
     drop(conds);
     drop(z_lq);
 
+    report(Stage::Sample, n_steps, n_steps);
+
     // 5. Decode, crop, colour fix against the upscaled input, back to [0, 1].
-    let decoded = decode_tiled(model, &z, &plan.vae_tiles)?;
+    let decoded = decode_tiled_with(model, &z, &plan.vae_tiles, progress)?;
+    progress(Progress {
+        stage: Stage::Decode,
+        done: n_vae,
+        total: n_vae,
+    });
     let out = crop(&decoded, 0, 0, plan.out_h, plan.out_w);
     drop(decoded);
     let reference = crop(&padded, 0, 0, plan.out_h, plan.out_w);
