@@ -99,6 +99,8 @@ if [[ -x dist/bin/dpir ]]; then
   stage profile_sd3 60 "$OUT/bench.log" dist/bin/dpir profile --config sd3-medium-1024 --json "$J/profile.json"
   stage restore_gpu 60 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-tiny-512 --reps 3 --model models/dpir-tiny --json "$J/restore_gpu.json"
   stage restore_gpu_1024 60 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-tiny-1024 --reps 2 --model models/dpir-tiny --json "$J/restore_gpu_1024.json"
+  stage restore_sd3_512 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-sd3-512 --reps 2 --json "$J/restore_sd3_512.json"
+  stage restore_sd3_1024 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-sd3-1024 --reps 1 --json "$J/restore_sd3_1024.json"
 fi
 
 rcs=""
@@ -123,11 +125,13 @@ skips = re.findall(r"skipped: .*", tests)
 bench, b35, torch = load("bench.json"), load("bench_sd35.json"), load("torch.json")
 profile, restore_gpu, candle = load("profile.json"), load("restore_gpu.json"), load("candle_cuda.json")
 restore_gpu_1024 = load("restore_gpu_1024.json")
+restore_sd3 = [load("restore_sd3_512.json"), load("restore_sd3_1024.json")]
 head = tests.splitlines()[:4]
 summary = {"header": head, "stage_rc": dict(kv.split("=", 1) for kv in rcs.split()), "elapsed_s": elapsed,
            "tests": {"pass": len(passes), "fail": len(fails), "failed": fails, "skipped": skips},
            "bench_sd3": bench, "bench_sd35": b35, "torch": torch, "profile_sd3": profile,
-           "restore_gpu": restore_gpu, "restore_gpu_1024": restore_gpu_1024, "candle_cuda": candle}
+           "restore_gpu": restore_gpu, "restore_gpu_1024": restore_gpu_1024,
+           "restore_sd3_512": restore_sd3[0], "restore_sd3_1024": restore_sd3[1], "candle_cuda": candle}
 if bench and torch and bench.get("step_ms") and torch.get("eager_step_ms"):
     summary["speedup_vs_torch_eager"] = torch["eager_step_ms"] / bench["step_ms"]
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
@@ -157,6 +161,9 @@ if restore_gpu:
     rows.append(("dpir-tiny restore 128->512 (GPU)", f"{restore_gpu['total_ms']:.1f} ms per image"))
 if restore_gpu_1024:
     rows.append(("dpir-tiny restore 256->1024 (GPU)", f"{restore_gpu_1024['total_ms']:.1f} ms per image"))
+for r in restore_sd3:
+    if r:
+        rows.append((f"DPIR SD3-size restore {r['input'][0]}->{r['output'][0]}, {r['steps_run']} steps (GPU)", f"{r['total_ms']:.0f} ms per image"))
 if "speedup_vs_torch_eager" in summary:
     rows.append(("speedup vs PyTorch eager", f"{summary['speedup_vs_torch_eager']:.2f}x"))
 md = ["# dpir device check", "", *[f"    {h}" for h in head], "", "| item | value |", "|---|---|"]

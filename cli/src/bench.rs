@@ -32,8 +32,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "cuda")]
     device: Device,
     /// Configuration: sd3-medium-1024, sd35-medium-1024, mid, tiny (one MMDiT forward or
-    /// sampling step, random weights), or dpir-tiny-512, dpir-tiny-1024 (a full ×4 restore
-    /// of a bundled example with the model; default: sd3-medium-1024 on cuda, mid on cpu).
+    /// sampling step, random weights); dpir-tiny-512, dpir-tiny-1024 (a full ×4 restore of
+    /// a bundled example with the model); dpir-sd3-512, dpir-sd3-1024 (the same restore
+    /// with DPIR at SD3-medium size, random weights, GPU only). Default: sd3-medium-1024 on
+    /// cuda, mid on cpu.
     #[arg(long)]
     config: Option<String>,
     /// Model for the restore configurations (default: as `dpir restore`).
@@ -146,6 +148,25 @@ pub fn run(args: Args) -> CliResult {
         Device::Cuda => "sd3-medium-1024".into(),
         Device::Cpu => "mid".into(),
     });
+    if crate::bench_restore::is_sd3(&cfg_name) {
+        if args.device != Device::Cuda {
+            return Err(format!(
+                "--config {cfg_name}: DPIR at SD3-medium size runs on --device cuda only"
+            )
+            .into());
+        }
+        if crate::bench_restore::input_side(&cfg_name).is_none() {
+            return Err(format!("unknown bench config `{cfg_name}`").into());
+        }
+        let dev = match CudaDevice::new(0) {
+            Ok(d) => Arc::new(d),
+            Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut model = crate::bench_restore::sd3_random_gpu(dev)?;
+        let out = crate::bench_restore::bench(&mut model, "cuda", &cfg_name, args.reps.max(1))?;
+        return write_json(&args, &out);
+    }
     if crate::bench_restore::input_side(&cfg_name).is_some() {
         use crate::restore::{choose_target, load_backend, DTypeArg, Device as RDevice};
         let device = match args.device {
