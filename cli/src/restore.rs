@@ -473,13 +473,12 @@ fn restore_with_retry(
         match run {
             Ok(t) => return Ok(t),
             Err(e) if is_oom(&e) => {
-                let dims = model.dims();
-                let current = match p.tile {
-                    Some(t) => t,
-                    None => pipeline::plan(&dims, lq.shape[1], lq.shape[2], &p)
-                        .map(|pl| pl.tile_latent * pipeline::VAE_FACTOR)
-                        .map_err(|e| e.to_string())?,
-                };
+                // The largest tile that actually ran (a small image's one tile may be
+                // smaller than the tile setting).
+                let plan = pipeline::plan(&model.dims(), lq.shape[1], lq.shape[2], &p)
+                    .map_err(|e| e.to_string())?;
+                let largest = plan.tiles.iter().map(|t| t.h.max(t.w)).max().unwrap_or(0);
+                let current = largest * pipeline::VAE_FACTOR;
                 let next = (current / 2) / 16 * 16;
                 if next < MIN_RETRY_TILE {
                     return Err(format!("{e} (even with {current}-pixel tiles)"));
@@ -761,4 +760,108 @@ pub fn run(args: Args) -> CliResult {
         return Err(format!("{failed} of {total} images failed").into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpir_engine::pipeline::{Denoiser, ModelDims};
+
+    /// A model whose velocity runs out of memory on latent tiles wider than `limit`, and
+    /// records the tile widths it was asked for. Every other stage returns zeros.
+    struct OomAbove {
+        limit: usize,
+        seen: Vec<usize>,
+    }
+
+    impl Denoiser for OomAbove {
+        fn velocity(
+            &mut self,
+            z: &Tensor,
+            _t: &[f32],
+            _y: &Tensor,
+            _c: &Tensor,
+            _lq: &Tensor,
+        ) -> dpir_engine::Result<Tensor> {
+            let w = z.shape[3];
+            self.seen.push(w);
+            if w > self.limit {
+                return Err(Error::OutOfMemory(format!("a {w}-wide tile")));
+            }
+            Ok(Tensor::zeros(&z.shape))
+        }
+    }
+
+    impl Restorer for OomAbove {
+        fn dims(&self) -> ModelDims {
+            ModelDims {
+                latent_channels: 4,
+                patch: 2,
+                context_dim: 8,
+                pooled_dim: 8,
+                max_tile_latent: 64,
+            }
+        }
+        fn encode_lq(&mut self, img: &Tensor) -> dpir_engine::Result<Tensor> {
+            Ok(Tensor::zeros(&[1, 4, img.shape[2] / 8, img.shape[3] / 8]))
+        }
+        fn decode(&mut self, z: &Tensor) -> dpir_engine::Result<Tensor> {
+            Ok(Tensor::zeros(&[1, 3, z.shape[2] * 8, z.shape[3] * 8]))
+        }
+        fn lq_tokens(&mut self, z: &Tensor) -> dpir_engine::Result<Tensor> {
+            Ok(Tensor::zeros(&[1, z.shape[2] * z.shape[3] / 4, 1]))
+        }
+        fn local_prompt(&mut self, _r: &Tensor) -> dpir_engine::Result<Tensor> {
+            Ok(Tensor::zeros(&[1, 8]))
+        }
+        fn global_prompt(&mut self, _i: &Tensor) -> dpir_engine::Result<Tensor> {
+            Ok(Tensor::zeros(&[8]))
+        }
+    }
+
+    fn params() -> RestoreParams {
+        RestoreParams {
+            scale: 4,
+            steps: 2,
+            strength: 1.0,
+            ..RestoreParams::default()
+        }
+    }
+
+    #[test]
+    fn out_of_memory_retries_with_half_the_tile() {
+        // 64² ×4 → 256² → a 32² latent: one 32-wide tile fails, 16-wide tiles fit.
+        let mut m = OomAbove {
+            limit: 16,
+            seen: Vec::new(),
+        };
+        let lq = Tensor::zeros(&[3, 64, 64]);
+        let out = restore_with_retry(&mut m, &lq, &params(), None, "[1/1]").unwrap();
+        assert_eq!(out.shape, vec![3, 256, 256]);
+        assert_eq!(m.seen[0], 32);
+        assert!(m.seen[1..].iter().all(|&w| w <= 16), "{:?}", m.seen);
+    }
+
+    #[test]
+    fn out_of_memory_gives_up_below_the_smallest_tile() {
+        let mut m = OomAbove {
+            limit: 4,
+            seen: Vec::new(),
+        };
+        let lq = Tensor::zeros(&[3, 64, 64]);
+        let e = restore_with_retry(&mut m, &lq, &params(), None, "[1/1]").unwrap_err();
+        assert_eq!(
+            e,
+            "out of GPU memory: a 16-wide tile (even with 128-pixel tiles)"
+        );
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        assert!(!is_oom(&Error::Arg("x".into())));
+        assert!(is_oom(&Error::OutOfMemory("x".into())));
+        assert!(is_oom(&Error::Cuda(
+            "allocating 8 bytes: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into()
+        )));
+    }
 }

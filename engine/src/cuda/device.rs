@@ -21,6 +21,16 @@ pub(crate) fn derr(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{what}: {e:?}"))
 }
 
+/// A failed `cuMemAlloc`: out of memory is its own error (callers retry with smaller tiles).
+fn alloc_error(bytes: usize, e: cudarc::driver::DriverError) -> Error {
+    use cudarc::driver::sys::CUresult;
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(format!("allocating {bytes} bytes"))
+    } else {
+        derr(&format!("allocating {bytes} bytes"), e)
+    }
+}
+
 /// bf16 element marker (stored as its 16-bit pattern).
 #[derive(Clone, Copy, Debug)]
 pub struct Bf16;
@@ -348,8 +358,7 @@ impl CudaDevice {
             .map_err(|e| derr("binding the context", e))?;
         let bytes = bytes.max(ARENA_ALIGN);
         // SAFETY: plain cuMemAlloc of `bytes` in the bound context; freed by DeviceBuffer::drop.
-        let ptr = unsafe { dres::malloc_sync(bytes) }
-            .map_err(|e| derr(&format!("allocating {bytes} bytes"), e))?;
+        let ptr = unsafe { dres::malloc_sync(bytes) }.map_err(|e| alloc_error(bytes, e))?;
         self.allocs.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(DeviceBuffer {
@@ -566,5 +575,22 @@ impl Timer {
         self.start
             .elapsed_ms(&self.end)
             .map_err(|e| derr("event elapsed", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::{sys::CUresult, DriverError};
+
+    #[test]
+    fn out_of_memory_is_its_own_error() {
+        let e = alloc_error(1 << 30, DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        assert!(matches!(e, Error::OutOfMemory(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "out of GPU memory: allocating 1073741824 bytes"
+        );
+        // (Other codes are formatted through the driver's error strings, so they need one.)
     }
 }
