@@ -59,6 +59,7 @@ def render(s):
                 name,
                 f"**{r['step_ms']:.1f} ms** ({r.get('step_tflops', 0):.0f} TFLOP/s)",
                 fmt(ref and ref.get("eager_step_ms"), ".1f", " ms"),
+                fmt(ref and ref.get("compiled_step_ms"), ".1f", " ms"),
                 fmt(cand and cand.get("step_ms"), ".1f", " ms"),
                 fmt(r.get("flop_floor_ms"), ".1f", " ms"),
                 f"≤ {tgt:.0f} ms" if tgt else "—",
@@ -66,7 +67,8 @@ def render(s):
         md += ["One sampling step, 1024², CFG as batch 2 (4096 image + 154 context tokens):",
                "`dpir bench --device cuda --config sd3-medium-1024|sd35-medium-1024`, PyTorch",
                "from `scripts/baselines/torch_sd3_step.py`, candle from `dist/bin/candle_mmdit_cuda`.", ""]
-        md += table(["model", "dpir", "PyTorch eager", "candle CUDA", "FLOP floor", "target"], rows)
+        md += table(["model", "dpir", "PyTorch eager", "PyTorch compiled", "candle CUDA",
+                     "FLOP floor", "target"], rows)
         md += ["", f"Device allocations inside the timed steps: {b.get('allocations_in_loop')}; "
                f"activation arena {b.get('plan_bytes', 0) / 1e6:.1f} MB; weights "
                f"{b.get('weights_bytes', 0) / 1e9:.2f} GB (bf16, {b.get('weights', '?')}).", ""]

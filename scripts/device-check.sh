@@ -103,6 +103,12 @@ if [[ -x dist/bin/dpir ]]; then
   stage restore_sd3_1024 90 "$OUT/bench.log" dist/bin/dpir bench --device cuda --config dpir-sd3-1024 --reps 1 --json "$J/restore_sd3_1024.json"
 fi
 
+# Last, with whatever budget is left: PyTorch with torch.compile (compiling takes minutes).
+if [[ "${RC[torch]:-skip}" == 0 ]]; then
+  stage torch_compile 150 "$OUT/torch.log" env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
+    python3 scripts/baselines/torch_sd3_step.py --config sd3-medium-1024 --reps 5 --compile --json "$J/torch_compile.json"
+fi
+
 rcs=""
 for k in "${!RC[@]}"; do rcs+="$k=${RC[$k]} "; done
 timeout 30 python3 - "$OUT" "$rcs" "$(( $(date +%s) - START ))" "$J" <<'PY'
@@ -125,6 +131,9 @@ skips = re.findall(r"skipped: .*", tests)
 bench, b35, torch = load("bench.json"), load("bench_sd35.json"), load("torch.json")
 profile, restore_gpu, candle = load("profile.json"), load("restore_gpu.json"), load("candle_cuda.json")
 restore_gpu_1024 = load("restore_gpu_1024.json")
+torch_compile = load("torch_compile.json")
+if torch and torch_compile and torch_compile.get("compiled_step_ms"):
+    torch["compiled_step_ms"] = torch_compile["compiled_step_ms"]
 restore_sd3 = [load("restore_sd3_512.json"), load("restore_sd3_1024.json")]
 head = tests.splitlines()[:4]
 summary = {"header": head, "stage_rc": dict(kv.split("=", 1) for kv in rcs.split()), "elapsed_s": elapsed,
@@ -155,6 +164,8 @@ if b35:
     rows.append(("SD3.5-medium step (ours)", f"{b35['step_ms']:.2f} ms"))
 if torch:
     rows.append(("SD3-medium step (PyTorch eager)", f"{torch['eager_step_ms']:.2f} ms, SDPA {torch.get('sdpa_ms', 0):.3f} ms ({torch.get('sdpa_tflops', 0):.0f} TFLOP/s)"))
+    if torch.get("compiled_step_ms"):
+        rows.append(("SD3-medium step (PyTorch torch.compile)", f"{torch['compiled_step_ms']:.2f} ms"))
 if candle and candle.get("step_ms"):
     rows.append(("SD3-medium step (candle CUDA)", f"{candle['step_ms']:.2f} ms ({candle.get('dtype', '?')})"))
 if restore_gpu:
