@@ -104,7 +104,7 @@ if [[ -x dist/bin/dpir ]]; then
 fi
 
 # Last, with whatever budget is left: PyTorch with torch.compile (compiling takes minutes).
-if [[ "${RC[torch]:-skip}" == 0 ]]; then
+if [[ -s "$J/torch.json" ]]; then
   stage torch_compile 150 "$OUT/torch.log" env PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" \
     python3 scripts/baselines/torch_sd3_step.py --config sd3-medium-1024 --reps 5 --compile --json "$J/torch_compile.json"
 fi
