@@ -9,8 +9,10 @@
 #   dist/bin/attention_check, vae_check   standalone kernel checks (scripts/build-dev-checks.sh)
 #   dist/bin/candle_mmdit_cuda     the candle CUDA baseline (scripts/build-candle-cuda.sh; slow
 #                                  the first time: skipped with --no-candle)
-# Then carry dist/bin (and .whl/ for the PyTorch baseline) to the GPU machine and run
-# scripts/device-check.sh OUTDIR there.
+# Everything in dist/bin is then packed into dist/bundle.tar.xz (~5 MB instead of ~35: the
+# working tree that travels to the GPU machine is limited, and the bundled model already takes
+# 37 MB of it). Carry dist/bundle.tar.xz and .whl/ (the PyTorch baseline's diffusers wheels);
+# scripts/device-check.sh OUTDIR unpacks the bundle there first.
 #
 #   scripts/build-device-bundle.sh [--no-candle]
 set -euo pipefail
@@ -37,4 +39,5 @@ scripts/build-dev-checks.sh
 if [[ "${1:-}" != --no-candle ]]; then scripts/build-candle-cuda.sh; fi
 for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
 ls -la dist/bin
-du -sh dist
+tar -cJf dist/bundle.tar.xz.tmp -C dist bin && mv dist/bundle.tar.xz.tmp dist/bundle.tar.xz
+echo "dist/bundle.tar.xz: $(du -h dist/bundle.tar.xz | cut -f1) (carry: dist/bundle.tar.xz .whl)"

@@ -14,6 +14,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: scripts/device-check.sh OUTDIR}"
 mkdir -p "$OUT"
+# The prebuilt binaries travel packed (scripts/build-device-bundle.sh): unpack them first.
+if [[ -f dist/bundle.tar.xz ]]; then
+  python3 -c '
+import tarfile
+t = tarfile.open("dist/bundle.tar.xz")
+try:
+    t.extractall("dist", filter="data")
+except TypeError:  # Python without extraction filters
+    t.extractall("dist")' \
+    || { echo "error: dist/bundle.tar.xz: cannot unpack" >&2; exit 1; }
+fi
 J=$(mktemp -d)            # per-stage JSON, folded into summary.json at the end
 trap 'rm -rf "$J"' EXIT
 START=$(date +%s)
