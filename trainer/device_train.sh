@@ -5,9 +5,11 @@
 #
 # Needs: python3 with torch (+ safetensors, numpy, Pillow), the training photos in
 # dist/train-data/ (scripts/prepare-train-data.sh; its dist/train-data-val/ enables a
-# PSNR check at the end). Optional: dist/bin/dpir (release build
-# of the CLI) to make Real-ESRGAN-style LQ/HQ pairs in the background; without it the
-# trainer uses its on-device stand-in degradation.
+# PSNR check at the end). Optional: dist/bin/dpir, or dist/bundle.tar.xz holding it
+# (scripts/build-device-bundle.sh), to make Real-ESRGAN-style LQ/HQ pairs in the background;
+# without it the trainer uses its on-device stand-in degradation.
+# Carry: dist/bundle.tar.xz dist/train-data dist/train-data-val (about 19 MB; with the
+# 43 MB tracked tree, under the 64 MiB that travels).
 # INIT_DIR: continue from exported model files (e.g. models/dpir-tiny) instead of scratch.
 # SPLIT: budget shares of the stages vae,robust,dit (default 0.35,0.15,0.5; with INIT_DIR
 # 0.15,0.1,0.75).
@@ -45,6 +47,11 @@ say "photos: $(ls "$data" | wc -l) files, $(du -sh "$data" | cut -f1)"
 pids=()
 pair_dirs=()
 dpir=dist/bin/dpir
+if [[ ! -x "$dpir" && -f dist/bundle.tar.xz ]]; then
+    # The device bundle (scripts/build-device-bundle.sh) carries the CLI packed.
+    python3 -c 'import tarfile; tarfile.open("dist/bundle.tar.xz").extract("bin/dpir", "dist")' \
+        2>>"$log" || say "warning: could not unpack bin/dpir from dist/bundle.tar.xz"
+fi
 if [[ -x "$dpir" ]]; then
     # 512 px HQ regions: the trainer cuts the 256 px local crop inside and uses the whole
     # region's LQ as the global view. Half standard, half light preset.
