@@ -43,8 +43,11 @@ pub fn exp_fast(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = if x > 88.0 { 88.0 } else { x };
     let x = if x < -87.0 { -87.0 } else { x };
-    // Round to nearest via the 1.5·2²³ trick (exact for |v| < 2²²).
-    let n = (x * LOG2E + 12_582_912.0) - 12_582_912.0;
+    // Round to nearest via the 1.5·2²³ trick (exact for |v| < 2²²): `t`'s low mantissa
+    // bits hold the integer n, so 2ⁿ is built from them without a float → int conversion
+    // (which does not vectorise: Rust's `as i32` saturates, one lane at a time).
+    let t = x * LOG2E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_199_9e-3;
@@ -53,7 +56,8 @@ pub fn exp_fast(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // n ∈ [−126, 127] after the clamp, so n + 127 is a normal exponent.
+    let bits = t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
     e * f32::from_bits(bits)
 }
 
@@ -93,6 +97,82 @@ pub fn silu(x: &[f32]) -> Vec<f32> {
     let mut y = x.to_vec();
     silu_inplace(&mut y);
     y
+}
+
+dispatch! {
+    fn shifted_sums_body(x: &[f32], pivot: f32, out: &mut [f64; 2]) {
+        // Eight f32 lanes per block of 1024 values, blocks summed in f64.
+        let (mut s, mut q) = (0f64, 0f64);
+        for blk in x.chunks(1024) {
+            let mut s8 = [0f32; 8];
+            let mut q8 = [0f32; 8];
+            let mut it = blk.chunks_exact(8);
+            for c in &mut it {
+                // A fixed-size array, so the lanes map onto one 8-wide vector.
+                let d: [f32; 8] = std::array::from_fn(|l| c[l] - pivot);
+                for l in 0..8 {
+                    s8[l] += d[l];
+                    q8[l] += d[l] * d[l];
+                }
+            }
+            for (a, b) in s8.iter().zip(&q8) {
+                s += *a as f64;
+                q += *b as f64;
+            }
+            for &v in it.remainder() {
+                let d = (v - pivot) as f64;
+                s += d;
+                q += d * d;
+            }
+        }
+        out[0] += s;
+        out[1] += q;
+    }
+}
+
+/// `out += [Σ(x − pivot), Σ(x − pivot)²]`: shifted sums for a one-pass mean and variance
+/// (the shift by a sample value keeps the variance free of cancellation).
+pub fn shifted_sums(x: &[f32], pivot: f32, out: &mut [f64; 2]) {
+    shifted_sums_body(x, pivot, out);
+}
+
+dispatch! {
+    fn affine_act_body(x: &[f32], y: &mut [f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            for (d, &v) in y.iter_mut().zip(x) {
+                *d = silu_scalar(v * a + b);
+            }
+        } else {
+            for (d, &v) in y.iter_mut().zip(x) {
+                *d = v * a + b;
+            }
+        }
+    }
+}
+
+/// `y = act(a·x + b)`, `act` SiLU or the identity (a normalisation's affine step).
+pub fn affine_act(x: &[f32], y: &mut [f32], a: f32, b: f32, silu: bool) {
+    assert_eq!(x.len(), y.len());
+    affine_act_body(x, y, a, b, silu);
+}
+
+dispatch! {
+    fn affine_act_inplace_body(y: &mut [f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            for d in y.iter_mut() {
+                *d = silu_scalar(*d * a + b);
+            }
+        } else {
+            for d in y.iter_mut() {
+                *d = *d * a + b;
+            }
+        }
+    }
+}
+
+/// In-place [`affine_act`].
+pub fn affine_act_inplace(y: &mut [f32], a: f32, b: f32, silu: bool) {
+    affine_act_inplace_body(y, a, b, silu);
 }
 
 dispatch! {

@@ -11,7 +11,7 @@
 use dpir_loader::VaeConfig;
 
 use crate::cpu::attention::attention;
-use crate::cpu::conv::{group_norm, upsample_nearest2x, Conv2d, Padding};
+use crate::cpu::conv::{group_norm, Conv2d, Padding, Prologue, Scratch};
 use crate::cpu::matmul::linear;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -65,6 +65,17 @@ impl GroupNorm {
     fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         group_norm(x, self.groups, &self.weight, &self.bias, NORM_EPS, silu)
     }
+
+    /// This norm followed by SiLU, as the prologue of the convolution it feeds.
+    fn then_silu(&self) -> Prologue<'_> {
+        Prologue::GroupNorm {
+            groups: self.groups,
+            weight: &self.weight,
+            bias: &self.bias,
+            eps: NORM_EPS,
+            silu: true,
+        }
+    }
 }
 
 /// `x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, the shortcut a 1×1 conv when the
@@ -93,14 +104,23 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, x: Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(&x, true)?)?;
-        let h = self.norm2.forward(&h, true)?;
+    fn forward(&self, x: Tensor, s: &Scratch) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward_with(&x, self.norm1.then_silu(), None, s)?;
         let shortcut = match &self.nin_shortcut {
-            Some(c) => c.forward(&x)?,
+            Some(c) => {
+                let r = c.forward_with(&x, Prologue::None, None, s)?;
+                s.give(x.data);
+                r
+            }
             None => x,
         };
-        self.conv2.forward_add(&h, shortcut)
+        let y = self
+            .conv2
+            .forward_with(&h, self.norm2.then_silu(), Some(shortcut), s)?;
+        s.give(h.data);
+        Ok(y)
     }
 }
 
@@ -199,10 +219,10 @@ impl MidBlock {
         })
     }
 
-    fn forward(&self, x: Tensor) -> Result<Tensor> {
-        let x = self.block_1.forward(x)?;
+    fn forward(&self, x: Tensor, s: &Scratch) -> Result<Tensor> {
+        let x = self.block_1.forward(x, s)?;
         let x = self.attn_1.forward(x)?;
-        self.block_2.forward(x)
+        self.block_2.forward(x, s)
     }
 }
 
@@ -230,6 +250,8 @@ pub struct VaeEncoder {
     /// Only the posterior-mean half of LDM's `conv_out` (the logvar half is never used).
     conv_out_mean: Conv2d,
     in_channels: usize,
+    /// Activation buffers reused across the layers of one call.
+    scratch: Scratch,
 }
 
 impl VaeEncoder {
@@ -286,6 +308,7 @@ impl VaeEncoder {
             norm_out,
             conv_out_mean,
             in_channels: cfg.in_channels,
+            scratch: Scratch::default(),
         })
     }
 
@@ -300,18 +323,24 @@ impl VaeEncoder {
                 )))
             }
         }
-        let mut x = self.conv_in.forward(img)?;
+        let s = &self.scratch;
+        let mut x = self.conv_in.forward_with(img, Prologue::None, None, s)?;
         for level in &self.down {
             for b in &level.block {
-                x = b.forward(x)?;
+                x = b.forward(x, s)?;
             }
             if let Some(d) = &level.downsample {
-                x = d.forward(&x)?;
+                let y = d.forward_with(&x, Prologue::None, None, s)?;
+                s.give(std::mem::replace(&mut x, y).data);
             }
         }
-        let x = self.mid.forward(x)?;
-        let x = self.norm_out.forward(&x, true)?;
-        self.conv_out_mean.forward(&x)
+        let x = self.mid.forward(x, s)?;
+        let z = self
+            .conv_out_mean
+            .forward_with(&x, self.norm_out.then_silu(), None, s)?;
+        // Between calls the buffers would only raise the process's footprint.
+        s.clear();
+        Ok(z)
     }
 }
 
@@ -330,6 +359,8 @@ pub struct VaeDecoder {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     latent_channels: usize,
+    /// Activation buffers reused across the layers of one call.
+    scratch: Scratch,
 }
 
 impl VaeDecoder {
@@ -391,6 +422,7 @@ impl VaeDecoder {
             norm_out,
             conv_out,
             latent_channels: cfg.latent_channels,
+            scratch: Scratch::default(),
         })
     }
 
@@ -405,18 +437,23 @@ impl VaeDecoder {
                 )))
             }
         }
-        let x = self.conv_in.forward(z)?;
-        let mut x = self.mid.forward(x)?;
+        let s = &self.scratch;
+        let x = self.conv_in.forward_with(z, Prologue::None, None, s)?;
+        let mut x = self.mid.forward(x, s)?;
         for level in self.up.iter().rev() {
             for b in &level.block {
-                x = b.forward(x)?;
+                x = b.forward(x, s)?;
             }
             if let Some(u) = &level.upsample {
-                x = u.forward(&upsample_nearest2x(&x)?)?;
+                let y = u.forward_with(&x, Prologue::Upsample2x, None, s)?;
+                s.give(std::mem::replace(&mut x, y).data);
             }
         }
-        let x = self.norm_out.forward(&x, true)?;
-        self.conv_out.forward(&x)
+        let img = self
+            .conv_out
+            .forward_with(&x, self.norm_out.then_silu(), None, s)?;
+        s.clear();
+        Ok(img)
     }
 }
 
