@@ -52,7 +52,6 @@ fn pixels(cfg: &ClipVisionConfig, b: usize, seed: u64) -> Tensor {
     }
 }
 
-
 /// One output: shape, NaN, cosine, then the relative error (the case's metric).
 fn compare(what: &str, got: &Tensor, want: &Tensor) -> Result<f32, Error> {
     if got.shape != want.shape {
