@@ -829,22 +829,43 @@ fn attention_cases(
     rep: &mut Report,
     _rng: &mut Rng,
 ) {
-    // Unfused path first: a fault in a fused kernel would poison the context for the rest.
-    // Then every fused variant in `AttnVariant::ALL` order (8 warps × 16 rows, 4 warps × 32
-    // rows, then the sm_90a-only wgmma ones, reported as not loaded on other GPUs), each with the
-    // separate RMSNorm kernel and with its own fused qk-norm.
-    let mut all_paths: Vec<(String, Option<AttnVariant>, bool)> =
-        vec![("unfused".to_string(), None, false)];
-    for v in AttnVariant::ALL {
-        if dev.has_func(v.kernel(false)) && dev.has_func(v.kernel(true)) {
-            all_paths.push((format!("fused-{}", v.name()), Some(v), false));
-            all_paths.push((format!("fused-{}+qknorm-kernel", v.name()), Some(v), true));
-        } else {
-            println!(
-                "  note: fused attention {} not loaded; not tested",
-                v.kernel(false)
-            );
+    // The kernels validated on a GPU first (W8, W4), then the f32-score unfused fallback,
+    // then the sm_90a-only wgmma variants: a fault poisons the context for every case after
+    // it. Each fused variant runs with the separate RMSNorm kernel and with its own fused
+    // qk-norm. A variant whose kernels should be in this device's image but are not loaded
+    // is a failure (the wgmma ones exist on sm_90 only).
+    let mut all_paths: Vec<(String, Option<AttnVariant>, bool)> = Vec::new();
+    let fused = |v: AttnVariant, paths: &mut Vec<(String, Option<AttnVariant>, bool)>| {
+        paths.push((format!("fused-{}", v.name()), Some(v), false));
+        paths.push((format!("fused-{}+qknorm-kernel", v.name()), Some(v), true));
+    };
+    let sm90 = dev.cc.0 == 9 && dev.cc.1 == 0;
+    let mut missing = Vec::new();
+    for (i, v) in AttnVariant::ALL.into_iter().enumerate() {
+        if i == 2 {
+            all_paths.push(("unfused".to_string(), None, false));
         }
+        let wgmma = matches!(v, AttnVariant::Wgmma | AttnVariant::WgmmaPoly);
+        if dev.has_func(v.kernel(false)) && dev.has_func(v.kernel(true)) {
+            fused(v, &mut all_paths);
+        } else if wgmma && !sm90 {
+            println!(
+                "  note: fused attention {} is built for sm_90a only; not tested on sm_{}{}",
+                v.kernel(false),
+                dev.cc.0,
+                dev.cc.1
+            );
+        } else {
+            missing.push(v.kernel(false));
+        }
+    }
+    if !all_paths.iter().any(|p| p.1.is_none()) {
+        all_paths.push(("unfused".to_string(), None, false));
+    }
+    for k in missing {
+        rep.case(&format!("attention kernel {k} loaded"), || {
+            Err(Error::Cuda(format!("{k} is not loaded on this device")))
+        });
     }
     let hd = 64;
     let shapes = [

@@ -132,13 +132,14 @@ fn cuda_mmdit_matches_cpu() {
                 continue;
             }
             let inp = inputs(&cfg, b, h, w_, l, 5 + h as u64);
-            // Unfused first: a fault in the fused kernel poisons the context for what follows.
+            // The paths validated on a GPU first, the newest last (the f32-score unfused
+            // fallback): a fault poisons the context for every case after it.
             for variant in [
-                "unfused-attention",
                 "default",
                 "attn-w8",
                 "fused-qknorm",
                 "gelu-kernel",
+                "unfused-attention",
             ] {
                 let mut opts = gpu.opts;
                 match variant {

@@ -207,7 +207,11 @@ pub struct CudaMmdit {
     pub gemm: Gemm,
     pub cfg: MmditConfig,
     pub opts: Options,
-    weights_buf: DeviceBuffer,
+    /// Owns the weights' device memory (freed with the model).
+    _weights_buf: DeviceBuffer,
+    /// Unique per model instance: a captured step graph bakes in this model's weight and
+    /// cuBLASLt workspace addresses, which a later model may reuse.
+    id: u64,
     /// Bytes of device memory the weights take.
     pub weight_bytes: usize,
     x_embedder: Lin,
@@ -399,7 +403,8 @@ impl CudaMmdit {
             blocks,
             final_ada: lin("final_layer.adaLN_modulation.1", 2 * d, d)?,
             final_linear: lin("final_layer.linear", p * p * cfg.out_channels, d)?,
-            weights_buf: arena.buffer,
+            _weights_buf: arena.buffer,
+            id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             dev,
             plan_cache: None,
         })
@@ -764,7 +769,7 @@ impl CudaMmdit {
         let mut done = 0;
         if self.opts.cuda_graph {
             let key = GraphKey {
-                weights: self.weights_buf.ptr(),
+                model: self.id,
                 opts: self.opts,
                 cfg_bits: cfg_scale.to_bits(),
                 has_lq: p.has_lq,
@@ -961,16 +966,19 @@ pub struct SampleReport {
     pub fallback: Option<String>,
 }
 
-/// What a captured step depends on beyond the plan's buffers: the model (its weight
-/// pointers), the options (kernels and launch shapes), the CFG scale (a kernel argument) and
+/// What a captured step depends on beyond the plan's buffers: the model instance (its weight
+/// and workspace addresses), the options (kernels and launch shapes), the CFG scale (a kernel argument) and
 /// whether the LQ injection runs (extra launches).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct GraphKey {
-    weights: u64,
+    model: u64,
     opts: Options,
     cfg_bits: u32,
     has_lq: bool,
 }
+
+/// Source of [`CudaMmdit`] instance ids.
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A captured step and what it was captured for.
 struct StepGraph {

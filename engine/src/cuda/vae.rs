@@ -16,8 +16,8 @@
 //!   attention residual are fused into the conv epilogue (in place).
 //! - GroupNorm(+SiLU): `vae_groupnorm_stats_bf16` ×3 + `vae_groupnorm_silu_bf16`.
 //! - Mid-block attention (one head of C channels over the H·W pixels, per image): q / k / v
-//!   / proj_out as 1×1 convs, scores by cuBLASLt (`Gemm::batched_qkt`, bf16 out, f32
-//!   accumulation), `softmax_rows_bf16`, `Gemm::batched_pv`; query rows in chunks so the
+//!   / proj_out as 1×1 convs, scores by cuBLASLt in f32 (`Gemm::batched_qkt_f32`),
+//!   `softmax_rows_f32_bf16` into bf16 probabilities, `Gemm::batched_pv`; query rows in chunks so the
 //!   score scratch stays under [`SCORE_BYTES_MAX`].
 //! - Layout: `nchw_f32_to_nhwc_bf16` in, `nhwc_bf16_to_nchw_f32` out.
 //!
@@ -44,7 +44,7 @@ const KERNELS: &[&str] = &[
     "vae_groupnorm_silu_bf16",
     "nchw_f32_to_nhwc_bf16",
     "nhwc_bf16_to_nchw_f32",
-    "softmax_rows_bf16",
+    "softmax_rows_f32_bf16",
 ];
 
 /// GroupNorm epsilon of the LDM VAE (as `models::vae`).
@@ -53,6 +53,8 @@ const NORM_EPS: f32 = 1e-6;
 /// Default bound of the attention score scratch (bytes); larger problems run in query
 /// chunks.
 pub const SCORE_BYTES_MAX: usize = 256 << 20;
+/// Bytes per attention score: the f32 score and its bf16 probability.
+const SCORE_ELEM_BYTES: usize = 6;
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
@@ -62,16 +64,16 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// Query rows per attention chunk: all `hw` rows when the `hw × hw` bf16 scores fit
-/// `budget` bytes, else the most that fit, rounded down to a multiple of
+/// Query rows per attention chunk: all `hw` rows when the `hw × hw` scores (f32, plus their
+/// bf16 probabilities: 6 bytes each) fit `budget` bytes, else the most that fit, rounded down to a multiple of
 /// `128 / gcd(c, 128)` rows (at least that many) so that every chunk's q / o offset
 /// (`rows · c` bf16) stays 256-byte aligned for cuBLASLt.
 pub(crate) fn attn_chunk_rows(hw: usize, c: usize, budget: usize) -> usize {
-    if hw * hw * 2 <= budget {
+    if hw * hw * SCORE_ELEM_BYTES <= budget {
         return hw;
     }
     let g = 128 / gcd(c, 128);
-    let rows = budget / (2 * hw) / g * g;
+    let rows = budget / (SCORE_ELEM_BYTES * hw) / g * g;
     rows.max(g).min(hw)
 }
 
@@ -217,14 +219,16 @@ impl PlanSizes {
     ///
     /// ```text
     /// f32(B·Cin·H·W) + f32(B·Cout·Ho·Wo) + 3·bf16(act) + f32(gn_part)
-    ///     + 4·bf16(hw·c) + bf16(attn_rows·hw)
+    ///     + 4·bf16(hw·c) + f32(attn_rows·hw) + bf16(attn_rows·hw)
     /// ```
     pub fn bytes(&self) -> usize {
         let (b, (ci, hi, wi), (co, ho, wo)) = (self.batch, self.input, self.output);
         let mut t = arena_bytes::<f32>(b * ci * hi * wi) + arena_bytes::<f32>(b * co * ho * wo);
         t += 3 * arena_bytes::<Bf16>(self.act) + arena_bytes::<f32>(self.gn_part);
         if let Some((hw, c)) = self.attn {
-            t += 4 * arena_bytes::<Bf16>(hw * c) + arena_bytes::<Bf16>(self.attn_rows * hw);
+            t += 4 * arena_bytes::<Bf16>(hw * c)
+                + arena_bytes::<f32>(self.attn_rows * hw)
+                + arena_bytes::<Bf16>(self.attn_rows * hw);
         }
         t
     }
@@ -578,8 +582,8 @@ struct VaePlan {
     out: DView<f32>,
     act: [DView<Bf16>; 3],
     gn_part: DView<f32>,
-    /// q, k, v, o (one image each) and the score chunk.
-    attn: Option<[DView<Bf16>; 5]>,
+    /// q, k, v, o (one image each) and the probability chunk; the f32 score chunk.
+    attn: Option<([DView<Bf16>; 5], DView<f32>)>,
     _arena: DeviceBuffer,
 }
 
@@ -601,13 +605,16 @@ impl VaePlan {
         ];
         let gn_part = a.carve::<f32>(sizes.gn_part)?;
         let attn = match sizes.attn {
-            Some((hw, c)) => Some([
-                a.carve::<Bf16>(hw * c)?,
-                a.carve::<Bf16>(hw * c)?,
-                a.carve::<Bf16>(hw * c)?,
-                a.carve::<Bf16>(hw * c)?,
-                a.carve::<Bf16>(sizes.attn_rows * hw)?,
-            ]),
+            Some((hw, c)) => Some((
+                [
+                    a.carve::<Bf16>(hw * c)?,
+                    a.carve::<Bf16>(hw * c)?,
+                    a.carve::<Bf16>(hw * c)?,
+                    a.carve::<Bf16>(hw * c)?,
+                    a.carve::<Bf16>(sizes.attn_rows * hw)?,
+                ],
+                a.carve::<f32>(sizes.attn_rows * hw)?,
+            )),
             None => None,
         };
         Ok(Self {
@@ -878,7 +885,7 @@ impl Net {
                 }
             }
             Step::Attn(a) => {
-                let [q, k, v, o, s] = p
+                let ([q, k, v, o, s], scores) = p
                     .attn
                     .ok_or_else(|| Error::Cuda("CUDA VAE: plan lacks attention scratch".into()))?;
                 self.gn(p, &a.norm, p.act[cur], p.act[t1], b, hw, false)?;
@@ -894,8 +901,8 @@ impl Net {
                         let nr = rows.min(hw - r0);
                         let qc = q.sub(r0 * c, nr * c)?;
                         let oc = o.sub(r0 * c, nr * c)?;
-                        self.gemm.batched_qkt(qc, k, s, 1, nr, hw, c)?;
-                        self.dev.softmax_rows(s, nr, hw, scale)?;
+                        self.gemm.batched_qkt_f32(qc, k, scores, 1, nr, hw, c)?;
+                        self.dev.softmax_rows_f32(scores, s, nr, hw, scale)?;
                         self.gemm.batched_pv(s, v, oc, 1, nr, hw, c)?;
                         r0 += nr;
                     }
@@ -1110,9 +1117,7 @@ mod tests {
                     let mut s: Vec<f32> = (0..n)
                         .map(|j| (0..c).map(|ch| qb[ch * n + i] * kb[ch * n + j]).sum())
                         .collect();
-                    if self.bf16 {
-                        round_bf16(&mut s);
-                    }
+                    // Scores stay f32 on the GPU (cuBLASLt f32 output).
                     let m = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
                     let mut sum = 0f32;
                     for v in s.iter_mut() {
@@ -1330,16 +1335,18 @@ mod tests {
     fn attention_chunks_stay_under_the_cap() {
         let m = SCORE_BYTES_MAX;
         assert_eq!(attn_chunk_rows(64, 512, m), 64);
-        // 128x128 latent: 16384^2 * 2 = 512 MiB > 256 MiB -> 8192 rows.
-        assert_eq!(attn_chunk_rows(16384, 512, m), 8192);
-        // 11585^2 * 2 fits 256 MiB; 11586^2 * 2 does not: 268435456 / 23172 = 11584 -> 11520.
-        assert_eq!(attn_chunk_rows(11585, 512, m), 11585);
-        // 512 channels: any row count keeps 256-byte offsets; 96 channels: multiples of 4.
-        assert_eq!(attn_chunk_rows(11586, 512, m), 11584);
-        assert_eq!(attn_chunk_rows(11586, 96, m), 11584);
-        assert_eq!(attn_chunk_rows(11586, 48, m), 11584 / 8 * 8);
-        // A 6000-byte budget at 100 pixels: 30 rows, 96 channels -> 28.
-        assert_eq!(attn_chunk_rows(100, 96, 6000), 28);
+        // 6 bytes per score (f32 + bf16 probability). 128x128 latent: 16384^2 * 6 > 256 MiB
+        // -> 268435456 / 98304 = 2730 rows.
+        assert_eq!(attn_chunk_rows(16384, 512, m), 2730);
+        // 6688^2 * 6 fits 256 MiB; 6689^2 * 6 does not: 268435456 / 40134 = 6688.
+        assert_eq!(attn_chunk_rows(6688, 512, m), 6688);
+        // 512 channels: any row count keeps 256-byte offsets; 96 channels: multiples of 4,
+        // 40 channels: multiples of 16.
+        assert_eq!(attn_chunk_rows(6689, 512, m), 6688);
+        assert_eq!(attn_chunk_rows(6689, 96, m), 6688);
+        assert_eq!(attn_chunk_rows(6689, 40, m), 6688 / 16 * 16);
+        // A 6000-byte budget at 100 pixels: 10 rows, 96 channels -> 8.
+        assert_eq!(attn_chunk_rows(100, 96, 6000), 8);
         // Tiny budgets still make progress: one alignment group.
         assert_eq!(attn_chunk_rows(100, 32, 1), 4);
     }
@@ -1358,8 +1365,12 @@ mod tests {
         assert_eq!(p.attn, Some((64, 512)));
         assert_eq!(p.attn_rows, 64);
         // x_in 3*64*64 f32 = 49152, out 16*8*8 f32 = 4096, 3 * 128*64*64 bf16 = 3145728,
-        // part 8256 f32 = 33024, q/k/v/o 4 * 64*512 bf16 = 262144, scores 64*64 bf16 = 8192.
-        assert_eq!(p.bytes(), 49152 + 4096 + 3145728 + 33024 + 262144 + 8192);
+        // part 8256 f32 = 33024, q/k/v/o 4 * 64*512 bf16 = 262144, scores 64*64 f32 = 16384,
+        // probabilities 64*64 bf16 = 8192.
+        assert_eq!(
+            p.bytes(),
+            49152 + 4096 + 3145728 + 33024 + 262144 + 16384 + 8192
+        );
         // Batch 2 doubles the per-batch buffers (the attention scratch is per image).
         let p2 = plan_sizes(&s, 2, (3, 64, 64), SCORE_BYTES_MAX).unwrap();
         assert_eq!(p2.act, 2 * 128 * 64 * 64);
@@ -1393,8 +1404,8 @@ mod tests {
         assert_eq!(p.gn_part, 16448);
         assert_eq!((p.attn, p.attn_rows), (Some((4096, 512)), 4096));
         // x_in 262144 + out 3145728 + act 3 * 134217728 + part 65792
-        // + q/k/v/o 4 * 4194304 + scores 33554432 bytes.
-        assert_eq!(p.bytes(), 456_458_496);
+        // + q/k/v/o 4 * 4194304 + scores (f32) 67108864 + probabilities 33554432 bytes.
+        assert_eq!(p.bytes(), 456_458_496 + 67_108_864);
     }
 
     #[test]

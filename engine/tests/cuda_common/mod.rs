@@ -25,10 +25,16 @@ pub fn device(test: &str) -> Option<Arc<CudaDevice>> {
             println!("{test}: skipped: no CUDA driver");
             None
         }
-        Err(e) => {
-            // A driver without a usable device is also a skip, but say why.
+        // A driver without any device is a skip, but say why.
+        Err(e) if e.to_string().contains("NO_DEVICE") => {
             println!("{test}: skipped: no usable CUDA device ({e})");
             None
+        }
+        // A device that is there but does not open (a kernel module that fails to load, ...)
+        // is a failure, counted by the device check's FAIL lines.
+        Err(e) => {
+            println!("FAIL {test}: opening the CUDA device: {e}");
+            panic!("{test}: opening the CUDA device: {e}");
         }
     }
 }
