@@ -12,7 +12,10 @@
 # 43 MB tracked tree, under the 64 MiB that travels).
 # INIT_DIR: continue from exported model files (e.g. models/dpir-tiny) instead of scratch.
 # SPLIT: budget shares of the stages vae,robust,dit (default 0.35,0.15,0.5; with INIT_DIR
-# 0.15,0.1,0.75).
+# 0.15,0.1,0.75). TRAIN_ARGS: more trainer flags. The bundled model's weakest part is its
+# VAE decoder (colour dots, ~24 dB reconstruction); fine-tuning the decoder alone keeps the
+# latent space, so the MMDiT and robust encoder stay valid:
+#   TRAIN_ARGS="--stage vae --vae-decoder-only" bash trainer/device_train.sh OUT 6 models/dpir-tiny
 #
 # Writes into OUT (flat, 7 files): mmdit.safetensors, vae.safetensors,
 # clip_vision.safetensors, dpir.safetensors (f16, refreshed every minute while training),
@@ -113,6 +116,9 @@ if [[ -n "$init" ]]; then
     fi
 fi
 [[ -n "$split" ]] && extra+=(--split "$split")
+# More trainer flags, word-split on purpose (e.g. "--stage vae --vae-decoder-only").
+# shellcheck disable=SC2206
+[[ -n "${TRAIN_ARGS:-}" ]] && extra+=(${TRAIN_ARGS})
 if [[ -d "$data-val" ]]; then
     extra+=(--val "$data-val")
 else

@@ -74,6 +74,9 @@ def parse_args(argv=None):
     a.add_argument("--batch-vae", type=int, default=None)
     a.add_argument("--batch-dit", type=int, default=None)
     a.add_argument("--lr-vae", type=float, default=4e-4)
+    a.add_argument("--vae-decoder-only", action="store_true",
+                   help="VAE stage trains the decoder alone on the frozen encoder's latents: "
+                        "the latent space, and so the MMDiT and robust encoder, stay valid")
     a.add_argument("--lr-robust", type=float, default=2e-4)
     a.add_argument("--lr-dit", type=float, default=3e-4)
     a.add_argument("--scale", type=int, default=4)
@@ -332,8 +335,11 @@ class Runner:
     # -- stage 1: VAE ----------------------------------------------------------------------
     def stage_vae(self, deadline):
         vae = self.st.vae.train()
-        params = list(vae.parameters())
-        opt = self.make_opt("vae", params, self.args.lr_vae)
+        dec_only = self.args.vae_decoder_only
+        if dec_only:
+            vae.encoder.eval().requires_grad_(False)
+        params = list((vae.decoder if dec_only else vae).parameters())
+        opt = self.make_opt("vae-decoder" if dec_only else "vae", params, self.args.lr_vae)
         photos = self.get_photos()
         g = self.st.gen
         target_std = 1.0 / VAE_SCALE
@@ -348,6 +354,11 @@ class Runner:
                 rec = vae.decoder(z).float()
             l1 = (rec - x).abs().mean()
             l2 = ((rec - x) ** 2).mean()
+            if dec_only:
+                # The frozen encoder's latent statistics are what they are: pixels only.
+                loss = l1 + l2
+                psnr = -10 * math.log10(max(l2.item() / 4, 1e-10))
+                return loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr}
             kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
             # Keep the latent statistics at SD3's (shift 0.0609, scale 1.5305), so the
             # standard latent normalisation gives the diffusion model unit-variance input.
@@ -359,7 +370,7 @@ class Runner:
             return loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr, "mom": mom.item()}
 
         self.run_loop("vae", deadline, opt, params, step_fn, self.args.lr_vae)
-        vae.eval()
+        vae.eval().requires_grad_(True)
 
     # -- stage 2: robust encoder -----------------------------------------------------------
     def stage_robust(self, deadline):
