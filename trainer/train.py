@@ -75,8 +75,10 @@ def parse_args(argv=None):
     a.add_argument("--batch-dit", type=int, default=None)
     a.add_argument("--lr-vae", type=float, default=4e-4)
     a.add_argument("--vae-decoder-only", action="store_true",
-                   help="VAE stage trains the decoder alone on the frozen encoder's latents: "
-                        "the latent space, and so the MMDiT and robust encoder, stay valid")
+                   help="VAE stage trains the decoder alone, on the frozen encoder's latents of "
+                        "HQ crops and (every other step, once a robust encoder exists) the "
+                        "robust encoder's latents of LQ images against their HQ: the latent "
+                        "space, and so the MMDiT and robust encoder, stay valid")
     a.add_argument("--lr-robust", type=float, default=2e-4)
     a.add_argument("--lr-dit", type=float, default=3e-4)
     a.add_argument("--scale", type=int, default=4)
@@ -293,7 +295,7 @@ class Runner:
 
     def run_loop(self, stage, deadline, opt, params, step_fn, lr, warmup=50):
         """Generic loop: step_fn() -> (loss tensor, dict of floats)."""
-        acc, n_acc = {}, 0
+        acc, acc_n, n_acc = {}, {}, 0
         t0 = time.time()
         t_stage = time.time()
         while not self.finished(stage, deadline):
@@ -310,9 +312,11 @@ class Runner:
             self.st.steps[stage] = step + 1
             for k, v in parts.items():
                 acc[k] = acc.get(k, 0.0) + v
+                acc_n[k] = acc_n.get(k, 0) + 1
             n_acc += 1
             if (step + 1) % self.args.log_every == 0 or self.args.steps is not None:
-                mean = {k: v / n_acc for k, v in acc.items()}
+                # Per key: steps may report different quantities (decoder-only alternates).
+                mean = {k: v / acc_n[k] for k, v in acc.items()}
                 dt = (time.time() - t0) / n_acc
                 self.st.losses[stage].append(
                     {"step": step + 1, "t": round(self.st.elapsed[stage] + time.time() - t_stage, 2),
@@ -320,7 +324,7 @@ class Runner:
                 self.log(f"{stage} step {step + 1}: "
                          + " ".join(f"{k} {v:.4f}" for k, v in mean.items())
                          + f" ({dt * 1000:.0f} ms/step)")
-                acc, n_acc, t0 = {}, 0, time.time()
+                acc, acc_n, n_acc, t0 = {}, {}, 0, time.time()
             if self.args.steps is None:
                 self.st.elapsed[stage] += time.time() - t_stage
                 t_stage = time.time()
@@ -344,7 +348,26 @@ class Runner:
         g = self.st.gen
         target_std = 1.0 / VAE_SCALE
 
+        rob = self.st.robust.eval().requires_grad_(False) if self.st.robust_init else None
+
+        def robust_step():
+            # Decode what restoration decodes: the robust encoder's latent of the upscaled
+            # LQ image, against its HQ crop.
+            hq, lq, _ = self.lq_batch(self.bs_vae)
+            hq = self.nhwc(hq)
+            with torch.no_grad(), self._amp():
+                z = rob(self.nhwc(D.upscale(lq, self.args.scale)))[0].float()
+            with self._amp():
+                rec = vae.decoder(z).float()
+            l1 = (rec - hq).abs().mean()
+            l2 = ((rec - hq) ** 2).mean()
+            loss = l1 + l2
+            psnr = -10 * math.log10(max(l2.item() / 4, 1e-10))
+            return loss, {"loss": loss.item(), "l1": l1.item(), "psnr_lq": psnr}
+
         def step_fn():
+            if dec_only and rob is not None and self.st.steps["vae"] % 2 == 1:
+                return robust_step()
             x = self.nhwc(photos.batch(self.st.data_gen, self.bs_vae, self.crop))
             with self._amp():
                 mean, logvar = vae.encoder(x)
@@ -371,6 +394,8 @@ class Runner:
 
         self.run_loop("vae", deadline, opt, params, step_fn, self.args.lr_vae)
         vae.eval().requires_grad_(True)
+        if rob is not None:
+            rob.requires_grad_(True)
 
     # -- stage 2: robust encoder -----------------------------------------------------------
     def stage_robust(self, deadline):
