@@ -458,14 +458,15 @@ impl Restorer for CpuRestorer {
         4 * params as u64
     }
 
-    /// Peak f32 activations of one guided MMDiT call on a `tile_h × tile_w` latent tile,
-    /// or of the VAE decoder on that tile, whichever is larger.
+    /// Peak f32 activations of one guided MMDiT call on a `tile_h × tile_w` latent tile, or
+    /// of the VAE decoder on its default tile (512 px), whichever is larger.
     fn plan_bytes(&self, tile_h: usize, tile_w: usize, context_len: usize, batch: usize) -> u64 {
         let m = &self.parts.cfgs.mmdit;
         let n = (tile_h / m.patch_size.max(1)) * (tile_w / m.patch_size.max(1));
         let t = n + context_len;
         // Modulated input, fused qkv, joint qkv, attention out, k/v panels, MLP hidden.
         let dit = 4 * (batch * t * (m.hidden * 14 + m.mlp_hidden)) as u64;
-        dit.max(self.parts.vae_plan_bytes(tile_h, tile_w))
+        let vae_tile = super::DEFAULT_VAE_TILE / VAE_FACTOR;
+        dit.max(self.parts.vae_plan_bytes(vae_tile, vae_tile))
     }
 }
