@@ -37,6 +37,11 @@ for line in sys.stdin:
 '
 scripts/build-dev-checks.sh
 if [[ "${1:-}" != --no-candle ]]; then scripts/build-candle-cuda.sh; fi
+# The PyTorch baseline's diffusers (the GPU machine has torch but no diffusers, no network).
+if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+  python3 -m pip download -q --no-deps -d .whl \
+    diffusers==0.42.1 importlib_metadata==10.2.0 lazy_importer==0.1.0
+fi
 for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
 ls -la dist/bin
 tar -cJf dist/bundle.tar.xz.tmp -C dist bin && mv dist/bundle.tar.xz.tmp dist/bundle.tar.xz
