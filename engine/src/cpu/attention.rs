@@ -5,17 +5,29 @@
 //! strided, e.g. read straight out of a `[B, L, 3·H·Dh]` qkv buffer).
 //!
 //! Each (batch, head) gets K and V gathered once into contiguous `[Lk, Dh]` panels; then
-//! one task per (batch, head, block of `Q_BLOCK` query rows) computes the score tile
+//! one task per (batch, head, block of [`q_block`] query rows) computes the score tile
 //! `S = Q·Kᵀ` with a GEMM, exponentiates it in place, multiplies `S·V` with a second GEMM
-//! and divides by the row sums. Only one `[Q_BLOCK, Lk]` score tile per thread exists.
+//! and divides by the row sums. Only one `[q_block, Lk]` score tile per thread exists.
 
 use rayon::prelude::*;
 
 use super::matmul::{matmul_bt_serial, matmul_serial};
 use super::ops::exp_sub_rows;
 
-/// Query rows per task (and per score tile).
-const Q_BLOCK: usize = 64;
+/// Fewest and most query rows per task (and per score tile).
+const Q_BLOCK_MIN: usize = 64;
+const Q_BLOCK_MAX: usize = 256;
+
+/// Query rows per task: as many as leave four tasks per thread, within
+/// `Q_BLOCK_MIN ..= Q_BLOCK_MAX`. Each task packs the whole K and V panels for its GEMMs, so
+/// few long query blocks (a single-head attention over thousands of tokens, as in the VAE's
+/// mid block) spend less of their time packing.
+fn q_block(batch: usize, heads: usize, lq: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    (batch * heads * lq)
+        .div_ceil(tasks)
+        .clamp(Q_BLOCK_MIN, Q_BLOCK_MAX)
+}
 
 /// A row-major matrix view whose rows are `stride` apart (first row at `data[0]`).
 #[derive(Clone, Copy)]
@@ -84,6 +96,36 @@ pub fn attention_strided(
     head_dim: usize,
     scale: f32,
 ) {
+    attention_blocked(
+        q,
+        k,
+        v,
+        out,
+        batch,
+        heads,
+        lq,
+        lk,
+        head_dim,
+        scale,
+        q_block(batch, heads, lq),
+    )
+}
+
+/// [`attention_strided`] with `qb_rows` query rows per task.
+#[allow(clippy::too_many_arguments)]
+fn attention_blocked(
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    out: &mut [f32],
+    batch: usize,
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    head_dim: usize,
+    scale: f32,
+    qb_rows: usize,
+) {
     let d = heads * head_dim;
     let need =
         |r: &Rows<'_>, l: usize| batch * l == 0 || r.data.len() >= (batch * l - 1) * r.stride + d;
@@ -119,24 +161,25 @@ pub fn attention_strided(
                 vd[t * head_dim..][..head_dim].copy_from_slice(&v.data[vs..vs + head_dim]);
             }
         });
-    let q_blocks = lq.div_ceil(Q_BLOCK);
+    let qb_rows = qb_rows.max(1);
+    let q_blocks = lq.div_ceil(qb_rows);
     let n_tasks = batch * heads * q_blocks;
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..n_tasks).into_par_iter().for_each_init(
         || {
             (
-                vec![0f32; Q_BLOCK * head_dim],
-                vec![0f32; Q_BLOCK * lk],
-                vec![0f32; Q_BLOCK * head_dim],
-                vec![0f32; Q_BLOCK],
+                vec![0f32; qb_rows * head_dim],
+                vec![0f32; qb_rows * lk],
+                vec![0f32; qb_rows * head_dim],
+                vec![0f32; qb_rows],
             )
         },
         |(qt, s, o, sums), task| {
             let qb = task % q_blocks;
             let bh = task / q_blocks;
             let (b, h) = (bh / heads, bh % heads);
-            let q0 = qb * Q_BLOCK;
-            let rows = Q_BLOCK.min(lq - q0);
+            let q0 = qb * qb_rows;
+            let rows = qb_rows.min(lq - q0);
             for r in 0..rows {
                 let src = (b * lq + q0 + r) * q.stride + h * head_dim;
                 for (dst, &x) in qt[r * head_dim..][..head_dim]

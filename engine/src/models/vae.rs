@@ -250,7 +250,7 @@ pub struct VaeEncoder {
     /// Only the posterior-mean half of LDM's `conv_out` (the logvar half is never used).
     conv_out_mean: Conv2d,
     in_channels: usize,
-    /// Activation buffers reused across the layers of one call.
+    /// Activation buffers reused across layers and calls (see [`detach`]).
     scratch: Scratch,
 }
 
@@ -338,9 +338,8 @@ impl VaeEncoder {
         let z = self
             .conv_out_mean
             .forward_with(&x, self.norm_out.then_silu(), None, s)?;
-        // Between calls the buffers would only raise the process's footprint.
-        s.clear();
-        Ok(z)
+        s.give(x.data);
+        Ok(detach(z, s))
     }
 }
 
@@ -359,7 +358,7 @@ pub struct VaeDecoder {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     latent_channels: usize,
-    /// Activation buffers reused across the layers of one call.
+    /// Activation buffers reused across layers and calls (see [`detach`]).
     scratch: Scratch,
 }
 
@@ -452,8 +451,21 @@ impl VaeDecoder {
         let img = self
             .conv_out
             .forward_with(&x, self.norm_out.then_silu(), None, s)?;
-        s.clear();
-        Ok(img)
+        s.give(x.data);
+        Ok(detach(img, s))
+    }
+}
+
+/// `t` in a buffer of its own size, its pooled buffer (which may be far larger: the pool
+/// hands out the smallest kept buffer that fits) given back to `s`. The pool is kept across
+/// calls, so the next image runs on memory already mapped; it holds at most
+/// [`Scratch`]'s few buffers of the largest size a call has needed.
+fn detach(t: Tensor, s: &Scratch) -> Tensor {
+    let data = t.data.to_vec();
+    s.give(t.data);
+    Tensor {
+        shape: t.shape,
+        data,
     }
 }
 
@@ -502,6 +514,68 @@ mod tests {
             for j in 0..c {
                 assert_eq!(t[j * r + i], a[i * c + j]);
             }
+        }
+    }
+
+    #[test]
+    fn pooled_buffers_do_not_leak_between_calls() {
+        // The buffer pool outlives a call: a decode (encode) after calls at other sizes
+        // returns bit for bit what the first call did, in a buffer of its own size (the
+        // sizes are large enough for the pool to keep their activations).
+        use std::collections::HashMap;
+        let cfg = VaeConfig {
+            in_channels: 3,
+            latent_channels: 16,
+            block_out_channels: vec![32, 64],
+            layers_per_block: 1,
+            norm_groups: 32,
+            scaling_factor: 1.5305,
+            shift_factor: 0.0609,
+            has_encoder: true,
+            has_decoder: true,
+        };
+        let w: HashMap<String, Tensor> =
+            crate::weights::seeded_random_weights(dpir_loader::spec::vae_spec(&cfg), 5)
+                .into_iter()
+                .collect();
+        let dec = VaeDecoder::load(&cfg, &w).unwrap();
+        let enc = VaeEncoder::load(&cfg, &w).unwrap();
+        let latent = |h: usize, w: usize, k: f32| {
+            let n = 16 * h * w;
+            Tensor::new(
+                &[1, 16, h, w],
+                (0..n).map(|i| (i as f32 * k).sin()).collect(),
+            )
+            .unwrap()
+        };
+        let z = latent(32, 30, 0.37);
+        let first = dec.decode(&z).unwrap();
+        assert_eq!(first.data.capacity(), first.data.len());
+        for (h, w) in [(40, 36), (3, 2), (32, 30)] {
+            dec.decode(&latent(h, w, 0.11)).unwrap();
+            let again = dec.decode(&z).unwrap();
+            assert_eq!(again.shape, first.shape);
+            assert!(
+                again.data == first.data,
+                "decode changed after a {h}x{w} call"
+            );
+        }
+        let img = |h: usize, w: usize, k: f32| {
+            let n = 3 * h * w;
+            Tensor::new(
+                &[1, 3, h, w],
+                (0..n).map(|i| (i as f32 * k).cos()).collect(),
+            )
+            .unwrap()
+        };
+        let x = img(64, 60, 0.05);
+        let first = enc.encode(&x).unwrap();
+        for (h, w) in [(96, 80), (8, 8)] {
+            enc.encode(&img(h, w, 0.3)).unwrap();
+            assert!(
+                enc.encode(&x).unwrap().data == first.data,
+                "encode after {h}x{w}"
+            );
         }
     }
 }
