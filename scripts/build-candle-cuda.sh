@@ -60,19 +60,9 @@ T_ALL=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T_ALL ))s] $*" >&2; }
 
 # --- 1. nvcc ------------------------------------------------------------------------------
-find_nvcc() {
-  if [[ -n "${NVCC:-}" ]]; then echo "$NVCC"; return; fi
-  if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
-  local cache="${DPIR_CUDA_CACHE:-$HOME/.cache/dpir/cuda-13.0}"
-  if [[ ! -x "$cache/nvidia/cu13/bin/nvcc" ]]; then
-    echo "nvcc not found: installing the pinned CUDA 13.0 toolchain into $cache" >&2
-    python3 -m pip install -q --target "$cache" \
-      nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvcc==13.0.88 \
-      nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 >&2
-  fi
-  echo "$cache/nvidia/cu13/bin/nvcc"
-}
-NVCC_BIN="$(find_nvcc)"
+# shellcheck source=scripts/lib/nvcc.sh
+source scripts/lib/nvcc.sh
+NVCC_BIN="$(find_nvcc install)" || exit 1
 [[ -x "$NVCC_BIN" ]] || { echo "error: nvcc not usable: $NVCC_BIN" >&2; exit 1; }
 NVCC_VER="$("$NVCC_BIN" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')"
 [[ "$NVCC_VER" == 13.0 ]] || { echo "error: need nvcc 13.0 (the GPU machines' driver is CUDA 13.0), got $NVCC_VER at $NVCC_BIN" >&2; exit 1; }

@@ -15,18 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-find_nvcc() {
-    if [[ -n "${NVCC:-}" ]]; then echo "$NVCC"; return; fi
-    if [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]]; then echo "$CUDA_HOME/bin/nvcc"; return; fi
-    if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
-    if [[ -x /usr/local/cuda/bin/nvcc ]]; then echo /usr/local/cuda/bin/nvcc; return; fi
-    # The pinned pip toolchain scripts/build-kernels.sh installs.
-    local cache="${DPIR_CUDA_CACHE:-$HOME/.cache/dpir/cuda-13.0}"
-    if [[ -x "$cache/nvidia/cu13/bin/nvcc" ]]; then echo "$cache/nvidia/cu13/bin/nvcc"; return; fi
-    echo "error: nvcc not found (run scripts/build-kernels.sh once to install the pinned CUDA 13.0 toolchain, or set NVCC / CUDA_HOME)" >&2
-    exit 1
-}
-NVCC_BIN="$(find_nvcc)"
+# shellcheck source=scripts/lib/nvcc.sh
+source scripts/lib/nvcc.sh
+NVCC_BIN="$(find_nvcc install)" || exit 1
 CUDA_ROOT="$(cd "$(dirname "$NVCC_BIN")/.." && pwd)"
 
 # Library directory holding cudart (pip wheels: lib/, toolkits: lib64/ or targets/*/lib).

@@ -24,20 +24,10 @@ case "${1:-}" in
   *) echo "usage: $0 [--check]" >&2; exit 2 ;;
 esac
 
-find_nvcc() {
-  if [[ -n "${NVCC:-}" ]]; then echo "$NVCC"; return; fi
-  if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return; fi
-  local cache="${DPIR_CUDA_CACHE:-$HOME/.cache/dpir/cuda-13.0}"
-  if [[ ! -x "$cache/nvidia/cu13/bin/nvcc" ]]; then
-    echo "nvcc not found: installing the pinned CUDA 13.0 toolchain into $cache" >&2
-    python3 -m pip install -q --target "$cache" \
-      nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvcc==13.0.88 \
-      nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-cccl==13.0.85 >&2
-  fi
-  echo "$cache/nvidia/cu13/bin/nvcc"
-}
+# shellcheck source=scripts/lib/nvcc.sh
+source scripts/lib/nvcc.sh
 
-NVCC_BIN="$(find_nvcc)"
+NVCC_BIN="$(find_nvcc install)" || exit 1
 if [[ ! -x "$NVCC_BIN" ]]; then echo "error: nvcc not usable: $NVCC_BIN" >&2; exit 1; fi
 
 SRC=kernels/cuda
