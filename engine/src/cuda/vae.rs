@@ -952,33 +952,6 @@ impl CudaVaeEncoder {
         self.net.check_input(img)?;
         self.net.run(img)
     }
-
-    /// Sizes (and allocates, once per shape) the activation arena for images
-    /// `[batch, 3, h, w]`; returns its bytes. `encode` does this itself.
-    pub fn prepare(&mut self, batch: usize, h: usize, w: usize) -> Result<usize> {
-        self.net.prepare(batch, h, w)
-    }
-
-    /// Bytes the activation arena for `[batch, 3, h, w]` takes (nothing is allocated).
-    pub fn plan_bytes(&self, batch: usize, h: usize, w: usize) -> Result<usize> {
-        Ok(self.net.sizes(batch, h, w)?.bytes())
-    }
-
-    /// Bytes of device memory the weights take.
-    pub fn weight_bytes(&self) -> usize {
-        self.net.weight_bytes
-    }
-
-    /// Runs every convolution on the generic kernel (validation of that path).
-    pub fn set_generic_conv_only(&mut self, on: bool) {
-        self.net.generic_only = on;
-    }
-
-    /// Bytes of attention scores per query chunk (default [`SCORE_BYTES_MAX`]; small values
-    /// validate the chunked path). Takes effect at the next plan.
-    pub fn set_attention_score_budget(&mut self, bytes: usize) {
-        self.net.score_budget = bytes.max(1);
-    }
 }
 
 /// The VAE decoder on the GPU (bf16 weights and activations, f32 accumulation).
@@ -1001,34 +974,45 @@ impl CudaVaeDecoder {
         self.net.check_input(z)?;
         self.net.run(z)
     }
-
-    /// Sizes (and allocates, once per shape) the activation arena for latents
-    /// `[batch, 16, h, w]`; returns its bytes. `decode` does this itself.
-    pub fn prepare(&mut self, batch: usize, h: usize, w: usize) -> Result<usize> {
-        self.net.prepare(batch, h, w)
-    }
-
-    /// Bytes the activation arena for `[batch, 16, h, w]` takes (nothing is allocated).
-    pub fn plan_bytes(&self, batch: usize, h: usize, w: usize) -> Result<usize> {
-        Ok(self.net.sizes(batch, h, w)?.bytes())
-    }
-
-    /// Bytes of device memory the weights take.
-    pub fn weight_bytes(&self) -> usize {
-        self.net.weight_bytes
-    }
-
-    /// Runs every convolution on the generic kernel (validation of that path).
-    pub fn set_generic_conv_only(&mut self, on: bool) {
-        self.net.generic_only = on;
-    }
-
-    /// Bytes of attention scores per query chunk (default [`SCORE_BYTES_MAX`]; small values
-    /// validate the chunked path). Takes effect at the next plan.
-    pub fn set_attention_score_budget(&mut self, bytes: usize) {
-        self.net.score_budget = bytes.max(1);
-    }
 }
+
+/// The methods the encoder and the decoder share (their input is `[batch, C, h, w]`: the
+/// image for the encoder, the latent for the decoder).
+macro_rules! net_methods {
+    ($ty:ty) => {
+        impl $ty {
+            /// Sizes (and allocates, once per input shape) the activation arena for inputs
+            /// `[batch, C, h, w]`; returns its bytes. Running does this itself.
+            pub fn prepare(&mut self, batch: usize, h: usize, w: usize) -> Result<usize> {
+                self.net.prepare(batch, h, w)
+            }
+
+            /// Bytes the activation arena for inputs `[batch, C, h, w]` takes (nothing is
+            /// allocated).
+            pub fn plan_bytes(&self, batch: usize, h: usize, w: usize) -> Result<usize> {
+                Ok(self.net.sizes(batch, h, w)?.bytes())
+            }
+
+            /// Bytes of device memory the weights take.
+            pub fn weight_bytes(&self) -> usize {
+                self.net.weight_bytes
+            }
+
+            /// Runs every convolution on the generic kernel (validation of that path).
+            pub fn set_generic_conv_only(&mut self, on: bool) {
+                self.net.generic_only = on;
+            }
+
+            /// Bytes of attention scores per query chunk (default [`SCORE_BYTES_MAX`]; small
+            /// values validate the chunked path). Takes effect at the next plan.
+            pub fn set_attention_score_budget(&mut self, bytes: usize) {
+                self.net.score_budget = bytes.max(1);
+            }
+        }
+    };
+}
+net_methods!(CudaVaeEncoder);
+net_methods!(CudaVaeDecoder);
 
 #[cfg(test)]
 mod tests {
