@@ -399,7 +399,13 @@ pub(crate) fn choose_target(device: Device, dtype: DTypeArg) -> Result<Target, S
             DTypeArg::F32 => Target::Cpu,
             _ => match open_cuda() {
                 Ok(d) => Target::Cuda(d),
-                Err(_) if dtype == DTypeArg::Auto => Target::Cpu,
+                Err(e) if dtype == DTypeArg::Auto => {
+                    // No driver is the quiet, common case; a driver that fails is worth a line.
+                    if cuda::driver_present() {
+                        eprintln!("note: not using the GPU ({e}); running on the CPU");
+                    }
+                    Target::Cpu
+                }
                 Err(e) => {
                     return Err(format!(
                         "--dtype {}: needs the CUDA backend: {e}",
