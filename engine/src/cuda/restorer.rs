@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::models::mmdit::LqInject;
 use crate::models::vae::{from_model_latent, to_model_latent};
 use crate::pipeline::cpu::{Configs, CpuParts, ModelSources};
-use crate::pipeline::{Denoiser, ModelDims, Restorer};
+use crate::pipeline::{cfg_conditions, Denoiser, ModelDims, Restorer};
 use crate::tensor::Tensor;
 use crate::weights::WeightSource;
 
@@ -132,20 +132,6 @@ impl CudaRestorer {
             }
         }
     }
-}
-
-/// Rows of `a` followed by rows of `b` (same trailing shape), as one batch.
-fn concat_batch(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape[1..] != b.shape[1..] {
-        return Err(Error::Model(format!(
-            "cannot batch {:?} with {:?}",
-            a.shape, b.shape
-        )));
-    }
-    let mut shape = a.shape.clone();
-    shape[0] += b.shape[0];
-    let data = a.data.iter().chain(&b.data).copied().collect();
-    Tensor::new(&shape, data)
 }
 
 impl Denoiser for CudaRestorer {
@@ -290,20 +276,7 @@ impl Restorer for CudaRestorer {
                 .flat_map(|&s| [1000.0 * s, 1000.0 * s])
                 .collect();
             plan.set_timesteps(dev, &t)?;
-            let y1 = y.clone().reshape(&[1, y.numel()])?;
-            let y2 = concat_batch(&y1, &Tensor::zeros(&y1.shape))?;
-            let ctx1 = context
-                .clone()
-                .reshape(&[1, l, context.numel() / l.max(1)])?;
-            let ctx2 = concat_batch(&ctx1, &Tensor::zeros(&ctx1.shape))?;
-            let lq1 = if lq_tokens.shape.len() == 3 {
-                lq_tokens.clone()
-            } else {
-                let mut shape = vec![1];
-                shape.extend_from_slice(&lq_tokens.shape);
-                lq_tokens.clone().reshape(&shape)?
-            };
-            let lq2 = concat_batch(&lq1, &lq1)?;
+            let (y2, ctx2, lq2) = cfg_conditions(y, context, lq_tokens)?;
             let inject = LqInject {
                 tokens: &lq2,
                 gate: &self.parts.dpir.gate,

@@ -363,9 +363,30 @@ pub struct TileConditions {
     pub context: Tensor,
 }
 
+/// The conditions of a classifier-free-guided batch of 2, `[cond ; uncond]`: the uncond
+/// half has zero pooled vector and zero context (SD3's null prompts) and the same LQ
+/// tokens. `y [pooled]`, `context [L, ctx]`, `lq_tokens [N, D]` or `[1, N, D]` →
+/// `([2, pooled], [2, L, ctx], [2, N, D])`. Backends that run the guided loop themselves
+/// ([`Restorer::sample_single_tile`]) take their batch from here too.
+pub fn cfg_conditions(
+    y: &Tensor,
+    context: &Tensor,
+    lq_tokens: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let lq = if lq_tokens.shape.len() == 3 {
+        unbatched(lq_tokens.clone())?
+    } else {
+        lq_tokens.clone()
+    };
+    Ok((
+        stack(&[y, &Tensor::zeros(&y.shape)]),
+        stack(&[context, &Tensor::zeros(&context.shape)]),
+        stack(&[&lq, &lq]),
+    ))
+}
+
 /// Classifier-free-guided velocity for one latent tile `[C, h, w]`: cond and uncond as
-/// one batch of 2 (uncond: zero context, zero pooled, same LQ tokens); `cfg == 1` runs
-/// the conditional branch alone.
+/// one batch of 2 ([`cfg_conditions`]); `cfg == 1` runs the conditional branch alone.
 pub fn guided_velocity<D: Denoiser + ?Sized>(
     model: &mut D,
     z: &Tensor,
@@ -376,25 +397,17 @@ pub fn guided_velocity<D: Denoiser + ?Sized>(
     cfg: f32,
 ) -> Result<Tensor> {
     let t = 1000.0 * sigma;
-    let lq = if lq_tokens.shape.len() == 3 {
-        lq_tokens.clone()
-    } else {
-        batched(lq_tokens)
-    };
     if cfg == 1.0 {
+        let lq = if lq_tokens.shape.len() == 3 {
+            lq_tokens.clone()
+        } else {
+            batched(lq_tokens)
+        };
         let v = model.velocity(&batched(z), &[t], &batched(y), &batched(context), &lq)?;
         return unbatched(v);
     }
-    let zeros_y = Tensor::zeros(&y.shape);
-    let zeros_ctx = Tensor::zeros(&context.shape);
-    let lq_unb = unbatched(lq)?;
-    let v = model.velocity(
-        &stack(&[z, z]),
-        &[t, t],
-        &stack(&[y, &zeros_y]),
-        &stack(&[context, &zeros_ctx]),
-        &stack(&[&lq_unb, &lq_unb]),
-    )?;
+    let (y2, ctx2, lq2) = cfg_conditions(y, context, lq_tokens)?;
+    let v = model.velocity(&stack(&[z, z]), &[t, t], &y2, &ctx2, &lq2)?;
     let n = z.numel();
     if v.numel() != 2 * n {
         return Err(Error::Model(format!(
