@@ -400,81 +400,63 @@ impl CudaDevice {
         self.stream.cu_stream()
     }
 
-    /// Copies host f32 into a device f32 view (synchronous).
-    pub fn upload_f32(&self, dst: DView<f32>, src: &[f32]) -> Result<()> {
-        dst.need(src.len(), "upload_f32")?;
+    /// Copies host values into a device view whose elements have their size (synchronous).
+    fn upload<E: Elem, T: Copy>(&self, dst: DView<E>, src: &[T], what: &str) -> Result<()> {
+        debug_assert_eq!(std::mem::size_of::<T>(), E::BYTES);
+        dst.need(src.len(), what)?;
         if src.is_empty() {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: dst holds at least src.len() f32 (checked); the copy is ordered on our
-        // stream and `src` stays borrowed until the stream is synchronised below.
+        // SAFETY: dst holds at least src.len() elements of T's size (checked); the copy is
+        // ordered on our stream and `src` stays borrowed until the stream is synchronised.
         unsafe { dres::memcpy_htod_async(dst.ptr, src, self.cu_stream()) }
             .map_err(|e| derr("host to device copy", e))?;
         self.synchronize()
+    }
+
+    /// Copies a device view to the host as values of its element size (waits for the
+    /// stream first).
+    fn download<E: Elem, T: Copy + Default>(&self, src: DView<E>) -> Result<Vec<T>> {
+        debug_assert_eq!(std::mem::size_of::<T>(), E::BYTES);
+        self.bind()?;
+        let mut out = vec![T::default(); src.len];
+        // SAFETY: src holds src.len elements of T's size; out has the same length and
+        // outlives the copy (the stream is synchronised before returning).
+        unsafe { dres::memcpy_dtoh_async(&mut out, src.ptr, self.cu_stream()) }
+            .map_err(|e| derr("device to host copy", e))?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Copies host f32 into a device f32 view (synchronous).
+    pub fn upload_f32(&self, dst: DView<f32>, src: &[f32]) -> Result<()> {
+        self.upload(dst, src, "upload_f32")
     }
 
     /// Copies host bf16 bit patterns into a device bf16 view (synchronous).
     pub fn upload_bf16(&self, dst: DView<Bf16>, src: &[u16]) -> Result<()> {
-        dst.need(src.len(), "upload_bf16")?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: dst holds at least src.len() bf16 (checked); the copy is ordered on our
-        // stream and `src` stays borrowed until the stream is synchronised below.
-        unsafe { dres::memcpy_htod_async(dst.ptr, src, self.cu_stream()) }
-            .map_err(|e| derr("host to device copy", e))?;
-        self.synchronize()
+        self.upload(dst, src, "upload_bf16")
     }
 
     /// Copies host i32 into a device i32 view (synchronous).
     pub fn upload_i32(&self, dst: DView<i32>, src: &[i32]) -> Result<()> {
-        dst.need(src.len(), "upload_i32")?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: dst holds at least src.len() i32 (checked); the copy is ordered on our
-        // stream and `src` stays borrowed until the stream is synchronised below.
-        unsafe { dres::memcpy_htod_async(dst.ptr, src, self.cu_stream()) }
-            .map_err(|e| derr("host to device copy", e))?;
-        self.synchronize()
+        self.upload(dst, src, "upload_i32")
     }
 
     /// Copies a device i32 view to the host (waits for the stream first).
     pub fn download_i32(&self, src: DView<i32>) -> Result<Vec<i32>> {
-        self.bind()?;
-        let mut out = vec![0i32; src.len];
-        // SAFETY: src holds src.len i32; out has the same length and outlives the copy
-        // (the stream is synchronised before returning).
-        unsafe { dres::memcpy_dtoh_async(&mut out, src.ptr, self.cu_stream()) }
-            .map_err(|e| derr("device to host copy", e))?;
-        self.synchronize()?;
-        Ok(out)
+        self.download(src)
     }
 
     /// Copies a device f32 view to the host (waits for the stream first).
     pub fn download_f32(&self, src: DView<f32>) -> Result<Vec<f32>> {
-        self.bind()?;
-        let mut out = vec![0f32; src.len];
-        // SAFETY: src holds src.len f32; out has the same length and outlives the copy
-        // (the stream is synchronised before returning).
-        unsafe { dres::memcpy_dtoh_async(&mut out, src.ptr, self.cu_stream()) }
-            .map_err(|e| derr("device to host copy", e))?;
-        self.synchronize()?;
-        Ok(out)
+        self.download(src)
     }
 
     /// Copies a device bf16 view to the host as f32.
     pub fn download_bf16(&self, src: DView<Bf16>) -> Result<Vec<f32>> {
-        self.bind()?;
-        let mut raw = vec![0u16; src.len];
-        // SAFETY: src holds src.len bf16; raw has the same length and outlives the copy
-        // (the stream is synchronised before returning).
-        unsafe { dres::memcpy_dtoh_async(&mut raw, src.ptr, self.cu_stream()) }
-            .map_err(|e| derr("device to host copy", e))?;
-        self.synchronize()?;
+        let raw: Vec<u16> = self.download(src)?;
         Ok(raw
             .iter()
             .map(|&h| f32::from_bits((h as u32) << 16))
