@@ -136,6 +136,15 @@ fn step_flops(c: &BenchConfig) -> (f64, f64) {
     (gemm, attn)
 }
 
+/// GPU 0, or `no_driver` as the one-line error when no CUDA driver is present.
+fn open_device(no_driver: &str) -> Result<Arc<CudaDevice>, Box<dyn std::error::Error>> {
+    match CudaDevice::new(0) {
+        Ok(d) => Ok(Arc::new(d)),
+        Err(Error::NoCuda) => Err(no_driver.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Steps per sampler call in the eager-vs-graph comparison.
 const SAMPLE_STEPS: usize = 8;
 
@@ -158,11 +167,7 @@ pub fn run(args: Args) -> CliResult {
         if crate::bench_restore::input_side(&cfg_name).is_none() {
             return Err(format!("unknown bench config `{cfg_name}`").into());
         }
-        let dev = match CudaDevice::new(0) {
-            Ok(d) => Arc::new(d),
-            Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
-            Err(e) => return Err(e.into()),
-        };
+        let dev = open_device("no CUDA driver found: use --device cpu")?;
         let mut model = crate::bench_restore::sd3_random_gpu(dev)?;
         let out = crate::bench_restore::bench(&mut model, "cuda", &cfg_name, args.reps.max(1))?;
         return write_json(&args, &out);
@@ -415,11 +420,7 @@ fn measure_ceilings(
 }
 
 fn bench_cuda(bc: &BenchConfig, reps: usize) -> Result<Value, Box<dyn std::error::Error>> {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => Arc::new(d),
-        Err(Error::NoCuda) => return Err("no CUDA driver found: use --device cpu".into()),
-        Err(e) => return Err(e.into()),
-    };
+    let dev = open_device("no CUDA driver found: use --device cpu")?;
     let (free0, total_mem) = dev.mem_info()?;
     println!(
         "dpir bench --device cuda, config {} on {} (sm_{}{})",
@@ -750,11 +751,7 @@ fn op_work(bc: &BenchConfig, op: &str) -> Option<(f64, f64)> {
 
 pub fn profile(args: ProfileArgs) -> CliResult {
     let bc = bench_config(&args.config)?;
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => Arc::new(d),
-        Err(Error::NoCuda) => return Err("no CUDA driver found: `dpir profile` needs a GPU".into()),
-        Err(e) => return Err(e.into()),
-    };
+    let dev = open_device("no CUDA driver found: `dpir profile` needs a GPU")?;
     let gemm = Gemm::new(&dev)?;
     let flush_buf = dev.alloc(256 << 20)?;
     let (gemm_tflops, copy_gbs) = {

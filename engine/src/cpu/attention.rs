@@ -96,36 +96,6 @@ pub fn attention_strided(
     head_dim: usize,
     scale: f32,
 ) {
-    attention_blocked(
-        q,
-        k,
-        v,
-        out,
-        batch,
-        heads,
-        lq,
-        lk,
-        head_dim,
-        scale,
-        q_block(batch, heads, lq),
-    )
-}
-
-/// [`attention_strided`] with `qb_rows` query rows per task.
-#[allow(clippy::too_many_arguments)]
-fn attention_blocked(
-    q: Rows<'_>,
-    k: Rows<'_>,
-    v: Rows<'_>,
-    out: &mut [f32],
-    batch: usize,
-    heads: usize,
-    lq: usize,
-    lk: usize,
-    head_dim: usize,
-    scale: f32,
-    qb_rows: usize,
-) {
     let d = heads * head_dim;
     let need =
         |r: &Rows<'_>, l: usize| batch * l == 0 || r.data.len() >= (batch * l - 1) * r.stride + d;
@@ -161,7 +131,7 @@ fn attention_blocked(
                 vd[t * head_dim..][..head_dim].copy_from_slice(&v.data[vs..vs + head_dim]);
             }
         });
-    let qb_rows = qb_rows.max(1);
+    let qb_rows = q_block(batch, heads, lq);
     let q_blocks = lq.div_ceil(qb_rows);
     let n_tasks = batch * heads * q_blocks;
     let out_ptr = OutPtr(out.as_mut_ptr());

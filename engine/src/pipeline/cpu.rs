@@ -399,15 +399,6 @@ impl CpuRestorer {
             s.robust(),
         )
     }
-
-    pub fn configs(&self) -> &Configs {
-        self.parts.configs()
-    }
-
-    /// Local-prompt tokens per tile (CLIP patch count).
-    pub fn local_prompt_len(&self) -> usize {
-        self.parts.local_prompt_len()
-    }
 }
 
 impl Denoiser for CpuRestorer {
