@@ -28,6 +28,13 @@ pub(super) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Cuda(format!("{what} = {v} does not fit an int")))
 }
 
+/// `[int(a, "a")?, int(b, "b")?, …]`: a kernel's int arguments, each named in the error.
+macro_rules! ints {
+    ($($v:expr),+ $(,)?) => {
+        [$(int($v, stringify!($v))?),+]
+    };
+}
+
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
@@ -197,14 +204,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, t, dd, ms, so, sc) = (
-            int(rows, "rows")?,
-            int(tokens, "tokens")?,
-            int(d, "d")?,
-            int(mod_stride, "mod stride")?,
-            int(shift_off, "shift")?,
-            int(scale_off, "scale")?,
-        );
+        let [r, t, dd, ms, so, sc] = ints!(rows, tokens, d, mod_stride, shift_off, scale_off);
         launch!(
             self,
             "adaln_modulate_bf16",
@@ -248,13 +248,7 @@ impl CudaDevice {
         y.need(rows * d, "gated y")?;
         let samples = rows.div_ceil(tokens);
         modv.need((samples - 1) * mod_stride + gate_off + d, "gated mod")?;
-        let (r, t, dd, ms, go) = (
-            int(rows, "rows")?,
-            int(tokens, "tokens")?,
-            int(d, "d")?,
-            int(mod_stride, "mod stride")?,
-            int(gate_off, "gate")?,
-        );
+        let [r, t, dd, ms, go] = ints!(rows, tokens, d, mod_stride, gate_off);
         launch!(
             self,
             "gated_residual_bf16",
@@ -296,7 +290,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, h, d) = (int(rows, "rows")?, int(heads, "heads")?, int(hd, "hd")?);
+        let [r, h, d] = ints!(rows, heads, hd);
         launch!(
             self,
             "rmsnorm_qk_bf16",
@@ -332,7 +326,7 @@ impl CudaDevice {
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        let (bb, nn, dd) = (int(b, "b")?, int(n, "n")?, int(d, "d")?);
+        let [bb, nn, dd] = ints!(b, n, d);
         launch!(
             self,
             "channel_stats_bf16",
@@ -369,7 +363,7 @@ impl CudaDevice {
         }
         gate.need(d, "align gate")?;
         let [mx, sx, mf, sf] = stats;
-        let (bb, nn, dd) = (int(b, "b")?, int(n, "n")?, int(d, "d")?);
+        let [bb, nn, dd] = ints!(b, n, d);
         launch!(
             self,
             "align_add_bf16",
@@ -434,7 +428,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, dd) = (int(rows, "rows")?, int(d, "d")?);
+        let [r, dd] = ints!(rows, d);
         launch!(
             self,
             "layernorm_affine_bf16",
@@ -549,7 +543,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, c) = (int(rows, "rows")?, int(cols, "cols")?);
+        let [r, c] = ints!(rows, cols);
         launch!(self, "softmax_rows_bf16", cfg, s.ptr, r, c, scale)
     }
 
@@ -573,7 +567,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (r, c) = (int(rows, "rows")?, int(cols, "cols")?);
+        let [r, c] = ints!(rows, cols);
         launch!(
             self,
             "softmax_rows_f32_bf16",
@@ -607,13 +601,7 @@ impl CudaDevice {
         }
         x.need(n, "patchify x")?;
         out.need(n, "patchify out")?;
-        let (bb, cc, hh, ww, pp) = (
-            int(b, "b")?,
-            int(c, "c")?,
-            int(h, "h")?,
-            int(w, "w")?,
-            int(p, "p")?,
-        );
+        let [bb, cc, hh, ww, pp] = ints!(b, c, h, w, p);
         launch!(
             self,
             "patchify_f32_bf16",
@@ -649,13 +637,7 @@ impl CudaDevice {
         }
         x.need(n, "pos x")?;
         pos.need(m * m * d, "pos table")?;
-        let (bb, h, w, dd, mm) = (
-            int(b, "b")?,
-            int(hp, "hp")?,
-            int(wp, "wp")?,
-            int(d, "d")?,
-            int(m, "m")?,
-        );
+        let [bb, h, w, dd, mm] = ints!(b, hp, wp, d, m);
         launch!(
             self,
             "pos_embed_add_bf16",
@@ -691,13 +673,7 @@ impl CudaDevice {
         }
         x.need(n, "unpatchify x")?;
         out.need(n, "unpatchify out")?;
-        let (bb, cc, hh, ww, pp) = (
-            int(b, "b")?,
-            int(c, "c")?,
-            int(h, "h")?,
-            int(w, "w")?,
-            int(p, "p")?,
-        );
+        let [bb, cc, hh, ww, pp] = ints!(b, c, h, w, p);
         launch!(
             self,
             "unpatchify_bf16_f32",
@@ -794,7 +770,7 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (bb, st) = (int(b, "b")?, int(steps, "steps")?);
+        let [bb, st] = ints!(b, steps);
         launch!(
             self,
             "schedule_step_f32",
@@ -844,13 +820,7 @@ impl CudaDevice {
         for t in [q, k, v] {
             t.need(n, "split out")?;
         }
-        let (bb, a, bl, h, d) = (
-            int(b, "b")?,
-            int(la, "la")?,
-            int(lb, "lb")?,
-            int(heads, "heads")?,
-            int(hd, "hd")?,
-        );
+        let [bb, a, bl, h, d] = ints!(b, la, lb, heads, hd);
         launch!(
             self,
             "split_heads_bf16",
@@ -888,13 +858,7 @@ impl CudaDevice {
         o.need(n, "merge o")?;
         out_a.need(b * la * heads * hd, "merge out_a")?;
         out_b.need(b * lb * heads * hd, "merge out_b")?;
-        let (bb, a, bl, h, d) = (
-            int(b, "b")?,
-            int(la, "la")?,
-            int(lb, "lb")?,
-            int(heads, "heads")?,
-            int(hd, "hd")?,
-        );
+        let [bb, a, bl, h, d] = ints!(b, la, lb, heads, hd);
         launch!(
             self,
             "merge_heads_bf16",
@@ -1004,12 +968,7 @@ impl CudaDevice {
             block_dim: (variant.threads(), 1, 1),
             shared_mem_bytes: smem,
         };
-        let (bb, a, bl, h) = (
-            int(b, "b")?,
-            int(la, "la")?,
-            int(lb, "lb")?,
-            int(heads, "heads")?,
-        );
+        let [bb, a, bl, h] = ints!(b, la, lb, heads);
         // A zero-row stream is passed as a null pointer, as the kernel's contract allows.
         let (pa, poa) = if la == 0 {
             (0u64, 0u64)
@@ -1061,13 +1020,8 @@ impl CudaDevice {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (bb, cc, s, g, si) = (
-            int(b, "b")?,
-            int(c, "c")?,
-            int(hw, "hw")?,
-            int(groups, "groups")?,
-            silu as i32,
-        );
+        let [bb, cc, s, g] = ints!(b, c, hw, groups);
+        let si = silu as i32;
         launch!(
             self,
             "group_norm_silu_bf16",
@@ -1100,7 +1054,7 @@ impl CudaDevice {
         }
         x.need(bc * h * w, "upsample x")?;
         out.need(n, "upsample out")?;
-        let (a, hh, ww) = (int(bc, "bc")?, int(h, "h")?, int(w, "w")?);
+        let [a, hh, ww] = ints!(bc, h, w);
         launch!(
             self,
             "upsample_nearest2x_bf16",
@@ -1138,19 +1092,8 @@ impl CudaDevice {
         }
         x.need(b * c * h * w, "im2col x")?;
         out.need(n, "im2col out")?;
-        let (bb, cc, hh, ww, s) = (
-            int(b, "b")?,
-            int(c, "c")?,
-            int(h, "h")?,
-            int(w, "w")?,
-            int(stride, "stride")?,
-        );
-        let (pt, pl, pb, pr) = (
-            int(pad.0, "pad")?,
-            int(pad.1, "pad")?,
-            int(pad.2, "pad")?,
-            int(pad.3, "pad")?,
-        );
+        let [bb, cc, hh, ww, s] = ints!(b, c, h, w, stride);
+        let [pt, pl, pb, pr] = ints!(pad.0, pad.1, pad.2, pad.3);
         launch!(
             self,
             "im2col3x3_bf16",

@@ -235,24 +235,10 @@ impl CudaDevice {
             bias.map_or(0u64, |b| b.ptr),
             residual.map_or(0u64, |r| r.ptr),
         );
-        let (nn, hh, ww, ci) = (
-            int(s.n, "batch")?,
-            int(h, "height")?,
-            int(wl, "width")?,
-            int(s.cin, "cin")?,
-        );
-        let (hoi, woi, co, kk) = (
-            int(ho, "out height")?,
-            int(wo, "out width")?,
-            int(s.cout, "cout")?,
-            int(s.k, "kernel")?,
-        );
-        let (st, pt, pl, up) = (
-            int(s.stride, "stride")?,
-            int(s.pad.0, "pad")?,
-            int(s.pad.1, "pad")?,
-            s.up as i32,
-        );
+        let [nn, hh, ww, ci] = ints!(s.n, h, wl, s.cin);
+        let [hoi, woi, co, kk] = ints!(ho, wo, s.cout, s.k);
+        let [st, pt, pl] = ints!(s.stride, s.pad.0, s.pad.1);
+        let up = s.up as i32;
         launch!(
             self,
             kernel.name(),
@@ -332,12 +318,7 @@ impl CudaDevice {
             block_dim: block,
             shared_mem_bytes: 0,
         };
-        let (nn, hwi, cc, chunk) = (
-            int(n, "batch")?,
-            int(hw, "pixels")?,
-            int(c, "channels")?,
-            int(g.chunk, "chunk")?,
-        );
+        let [nn, hwi, cc, chunk] = ints!(n, hw, c, g.chunk);
         let final_stats = part.sub(2 * n * g.nchunks * GN_GROUPS, n * 2 * GN_GROUPS)?;
         for (pass, cfg) in [(0i32, stats), (1, stats), (2, fin)] {
             launch!(
@@ -397,7 +378,7 @@ impl CudaDevice {
             block_dim: (ELEMWISE_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (nn, hh, ww, cc) = (int(n, "batch")?, int(h, "h")?, int(w, "w")?, int(c, "c")?);
+        let [nn, hh, ww, cc] = ints!(n, h, w, c);
         launch!(
             self,
             "vae_upsample2x_nearest_bf16",
@@ -431,7 +412,7 @@ impl CudaDevice {
             block_dim: (ELEMWISE_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (nn, cc, p) = (int(n, "batch")?, int(c, "c")?, int(hw, "pixels")?);
+        let [nn, cc, p] = ints!(n, c, hw);
         launch!(
             self,
             "nchw_f32_to_nhwc_bf16",
@@ -464,7 +445,7 @@ impl CudaDevice {
             block_dim: (ELEMWISE_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (nn, cc, p) = (int(n, "batch")?, int(c, "c")?, int(hw, "pixels")?);
+        let [nn, cc, p] = ints!(n, c, hw);
         launch!(
             self,
             "nhwc_bf16_to_nchw_f32",
