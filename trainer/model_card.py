@@ -1,9 +1,12 @@
 """Write MODEL_CARD.md for a trained dpir-tiny from its files and losses.json.
 
     python3 -m trainer.model_card MODEL_DIR [--machine TEXT] [--losses PATH]
+        [--finetune LOSSES=MACHINE ...]
 
 Reads MODEL_DIR/*.safetensors (sizes, tensor counts) and losses.json (steps, seconds,
-device, final losses). Quality numbers live in docs/RESULTS.md and are linked, not copied.
+device, final losses) of the run that trained the model, then the losses.json of each
+fine-tune that continued from it (`--init-from`), in order. Quality numbers live in
+docs/RESULTS.md and are linked, not copied.
 """
 
 from __future__ import annotations
@@ -16,15 +19,60 @@ import sys
 from .export import FILES
 
 
-def summarise(curve: list, keys=("loss",)) -> str:
+def summarise(curve: list, keys=("loss",), n: int = 1) -> str:
+    """`key first → last` for each key, each side the mean of n logged windows."""
     if not curve:
         return "not trained"
-    first, last = curve[0], curve[-1]
+    n = max(1, min(n, len(curve) // 2 or 1))
     parts = []
     for k in keys:
-        if k in first and k in last:
-            parts.append(f"{k} {first[k]:.4f} → {last[k]:.4f}")
+        head = [c[k] for c in curve[:n] if k in c]
+        tail = [c[k] for c in curve[-n:] if k in c]
+        if head and tail:
+            parts.append(f"{k} {sum(head) / len(head):.4f} → {sum(tail) / len(tail):.4f}")
     return ", ".join(parts)
+
+
+STAGE_NAMES = {"vae": "VAE", "robust": "robust encoder", "dit": "MMDiT stage"}
+CURVE_KEYS = {"vae": ("loss", "psnr", "psnr_lq"), "robust": ("latent", "pix_l1"),
+              "dit": ("loss",)}
+
+
+def what_trained(run: dict, stage: str) -> str:
+    if stage == "vae" and run.get("vae_decoder_only"):
+        text = "VAE decoder only (encoders frozen)"
+    elif stage == "robust":
+        text = "robust encoder (VAE frozen)"
+    else:
+        text = STAGE_NAMES.get(stage, stage)
+    extra = [f"{run['crop']}² crops"] if run.get("crop") else []
+    batch = run.get("batch_dit" if stage == "dit" else "batch_vae")
+    if batch:
+        extra.append(f"batch {batch}")
+    lr = run.get({"vae": "lr_vae", "robust": "lr_robust", "dit": "lr_dit"}.get(stage, ""))
+    if lr:
+        extra.append(f"lr {lr:g}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def finetune_lines(spec: str, index: int) -> list:
+    """Model-card lines for one fine-tune: `LOSSES=MACHINE`."""
+    path, _, machine = spec.partition("=")
+    with open(path) as f:
+        L = json.load(f)
+    run = L.get("run", {})
+    lines = []
+    for stage, steps in L["steps"].items():
+        if not steps:
+            continue
+        curve = L.get("curves", {}).get(stage, [])
+        lines.append(f"- Fine-tune {index} on {machine or L.get('device', 'unknown')}: "
+                     f"{what_trained(run, stage)}, {steps} steps / "
+                     f"{L['seconds'].get(stage, 0) / 60:.0f} min; "
+                     f"{summarise(curve, CURVE_KEYS.get(stage, ('loss',)), n=8)} "
+                     "(means of the first and last 8 logged windows) "
+                     f"(`{os.path.basename(path)}`).")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -32,6 +80,8 @@ def main(argv=None) -> int:
     a.add_argument("model_dir")
     a.add_argument("--losses", default=None)
     a.add_argument("--machine", default=None)
+    a.add_argument("--finetune", action="append", default=[], metavar="LOSSES=MACHINE",
+                   help="losses.json of a run that continued from the model (repeatable)")
     args = a.parse_args(argv)
     d = args.model_dir
     lpath = args.losses or os.path.join(d, "losses.json")
@@ -53,6 +103,14 @@ def main(argv=None) -> int:
         total += size
         rows.append(f"| `{name}` | {size / 1e6:.1f} MB |")
     vae_last = curves.get("vae", [{}])[-1] if curves.get("vae") else {}
+    fine = []
+    try:
+        for i, spec in enumerate(args.finetune, 1):
+            fine += finetune_lines(spec, i)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: cannot read fine-tune losses: {e}", file=sys.stderr)
+        return 1
+    fine_text = ("\n" + "\n".join(fine)) if fine else ""
     text = f"""# dpir-tiny
 
 A small DPIR (Dual Prompting Image Restoration with Diffusion Transformers) trained from
@@ -97,7 +155,7 @@ VAE was trained to match them).
 - Losses (first → last logged window): VAE {summarise(curves.get('vae', []), ('loss', 'psnr'))};
   robust {summarise(curves.get('robust', []), ('latent', 'pix_l1'))};
   MMDiT {summarise(curves.get('dit', []))}.
-- Final VAE reconstruction PSNR on training crops: {vae_last.get('psnr', float('nan')):.2f} dB.
+- Final VAE reconstruction PSNR on training crops: {vae_last.get('psnr', float('nan')):.2f} dB.{fine_text}
 
 ## Use
 

@@ -32,6 +32,9 @@ from .models import (DpirModel, Encoder, TinyConfig, Vae, param_count, to_scaled
 STAGES = ("vae", "robust", "dit")
 DEFAULT_SPLIT = {"vae": 0.35, "robust": 0.15, "dit": 0.50}
 PAIRS_FULL = 1000
+# The flags that say what a run trained, recorded in losses.json.
+RUN_KEYS = ("stage", "vae_decoder_only", "init_from", "crop", "batch_vae", "batch_dit",
+            "lr_vae", "lr_robust", "lr_dit")
 
 
 def now() -> str:
@@ -267,6 +270,8 @@ class Runner:
             "config": self.cfg.to_dict(),
             "steps": self.st.steps, "done": self.st.done, "seconds": self.st.elapsed,
             "device": torch.cuda.get_device_name(0) if self.cuda else "cpu",
+            # What this run was, for the model card (`trainer.model_card --finetune`).
+            "run": {k: getattr(self.args, k) for k in RUN_KEYS},
             "curves": self.st.losses,
         }
         tmp = path + ".tmp"

@@ -8,6 +8,7 @@ import unittest
 import torch
 
 from trainer import data as D
+from trainer import model_card
 from trainer import train as T
 from trainer.export import component_tensors, export_components, load_components
 from trainer.models import DpirModel, toy_config
@@ -84,6 +85,16 @@ class TrainerTests(unittest.TestCase):
         curve = [p["loss"] for p in logs[::2]]
         first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
         self.assertLess(last, first, f"{first:.4f} -> {last:.4f}")
+        # The model card names the fine-tune from what losses.json recorded of the run.
+        out = self.out("dec-only")
+        self.assertEqual(model_card.main([out, "--losses",
+                                          os.path.join(self.out("dec-base"), "losses.json"),
+                                          "--finetune",
+                                          os.path.join(out, "losses.json") + "=a test box"]), 0)
+        with open(os.path.join(out, "MODEL_CARD.md")) as f:
+            card = f.read()
+        self.assertIn("- Fine-tune 1 on a test box: VAE decoder only (encoders frozen) "
+                      "(32² crops, batch 4, lr 0.002), 40 steps / ", card)
 
     def test_resume_matches_uninterrupted(self):
         # Train 4 steps == train 2 steps, stop, resume to 4: same losses and weights.
