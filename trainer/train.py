@@ -32,9 +32,19 @@ from .models import (DpirModel, Encoder, TinyConfig, Vae, param_count, to_scaled
 STAGES = ("vae", "robust", "dit")
 DEFAULT_SPLIT = {"vae": 0.35, "robust": 0.15, "dit": 0.50}
 PAIRS_FULL = 1000
+def lr_factor(step: int, warmup: int, now: float, deadline, cooldown_s: float) -> float:
+    """Learning-rate multiplier: linear warm-up over `warmup` steps, then 1, falling linearly
+    to 0 over the last `cooldown_s` seconds before the stage's deadline. It depends only on
+    the step and the clock, so a resumed run follows the same schedule."""
+    f = min(1.0, (step + 1) / warmup)
+    if deadline is not None and cooldown_s > 0:
+        f *= min(1.0, max(0.0, (deadline - now) / cooldown_s))
+    return f
+
+
 # The flags that say what a run trained, recorded in losses.json.
 RUN_KEYS = ("stage", "vae_decoder_only", "init_from", "crop", "batch_vae", "batch_dit",
-            "lr_vae", "lr_robust", "lr_dit")
+            "lr_vae", "lr_robust", "lr_dit", "cooldown")
 
 
 def now() -> str:
@@ -84,6 +94,9 @@ def parse_args(argv=None):
                         "space, and so the MMDiT and robust encoder, stay valid")
     a.add_argument("--lr-robust", type=float, default=2e-4)
     a.add_argument("--lr-dit", type=float, default=3e-4)
+    a.add_argument("--cooldown", type=float, default=0.0, metavar="MIN",
+                   help="over a timed stage's last MIN minutes the learning rate falls "
+                        "linearly to 0 (a fine-tune ends on settled weights)")
     a.add_argument("--scale", type=int, default=4)
     a.add_argument("--ckpt-every", type=float, default=60.0, help="seconds")
     a.add_argument("--export-every", type=float, default=60.0, help="seconds")
@@ -305,8 +318,9 @@ class Runner:
         t_stage = time.time()
         while not self.finished(stage, deadline):
             step = self.st.steps[stage]
+            f = lr_factor(step, warmup, time.time(), deadline, self.args.cooldown * 60)
             for gr in opt.param_groups:
-                gr["lr"] = lr * min(1.0, (step + 1) / warmup)
+                gr["lr"] = lr * f
             loss, parts = step_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()

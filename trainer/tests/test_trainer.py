@@ -96,6 +96,16 @@ class TrainerTests(unittest.TestCase):
         self.assertIn("- Fine-tune 1 on a test box: VAE decoder only (encoders frozen) "
                       "(32² crops, batch 4, lr 0.002), 40 steps / ", card)
 
+    def test_lr_schedule(self):
+        # Warm-up by steps; with --cooldown, a linear fall to 0 over the stage's last minutes.
+        self.assertAlmostEqual(T.lr_factor(0, 50, 0.0, None, 0.0), 1 / 50)
+        self.assertEqual(T.lr_factor(80, 50, 0.0, None, 600.0), 1.0)
+        self.assertEqual(T.lr_factor(80, 50, 100.0, 1000.0, 600.0), 1.0)
+        self.assertAlmostEqual(T.lr_factor(80, 50, 700.0, 1000.0, 600.0), 0.5)
+        self.assertAlmostEqual(T.lr_factor(9, 50, 700.0, 1000.0, 600.0), 0.1)
+        self.assertEqual(T.lr_factor(80, 50, 1200.0, 1000.0, 600.0), 0.0)
+        self.assertEqual(T.lr_factor(80, 50, 999.0, 1000.0, 0.0), 1.0)
+
     def test_resume_matches_uninterrupted(self):
         # Train 4 steps == train 2 steps, stop, resume to 4: same losses and weights.
         for stage in ("vae", "robust", "dit"):
