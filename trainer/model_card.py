@@ -51,7 +51,8 @@ def what_trained(run: dict, stage: str) -> str:
         extra.append(f"batch {batch}")
     lr = run.get({"vae": "lr_vae", "robust": "lr_robust", "dit": "lr_dit"}.get(stage, ""))
     if lr:
-        extra.append(f"lr {lr:g}")
+        extra.append(f"lr {lr:g}" + (f", falling to 0 over the last {run['cooldown']:g} min"
+                                     if run.get("cooldown") else ""))
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -110,6 +111,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: cannot read fine-tune losses: {e}", file=sys.stderr)
         return 1
+    if fine:
+        fine.insert(0, "- Fine-tunes, each continuing from the previous weights with "
+                       "`trainer/cpu_train.sh` (3000 LQ/HQ pairs per preset, 256² HQ; see "
+                       "`trainer/README.md`):")
     fine_text = ("\n" + "\n".join(fine)) if fine else ""
     text = f"""# dpir-tiny
 
@@ -117,7 +122,7 @@ A small DPIR (Dual Prompting Image Restoration with Diffusion Transformers) trai
 scratch by this project (`trainer/`), in the same architecture family as the real model:
 SD3 MMDiT backbone + LQ branch with adaptive feature alignment + CLIP-vision dual prompts,
 an SD3-layout VAE and a degradation-robust encoder. It exists so that `dpir restore` works
-on a fresh machine; it is tiny and trained for minutes, so expect modest quality.
+on a fresh machine; it is tiny and briefly trained, so expect modest quality.
 
 ## Files
 
