@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use dpir_engine::cpu::attention::attention;
 use dpir_engine::cpu::conv::{group_norm, Conv2d, Padding, Prologue, Scratch};
 use dpir_engine::models::vae::{VaeDecoder, VaeEncoder};
@@ -22,20 +23,6 @@ use dpir_engine::weights::seeded_random_weights;
 use dpir_engine::Tensor;
 use dpir_loader::config::VaeConfig;
 use dpir_loader::spec::vae_spec;
-
-fn tiny_vae() -> VaeConfig {
-    VaeConfig {
-        in_channels: 3,
-        latent_channels: 16,
-        block_out_channels: vec![32, 64, 128, 128],
-        layers_per_block: 2,
-        norm_groups: 32,
-        scaling_factor: 1.5305,
-        shift_factor: 0.0609,
-        has_encoder: true,
-        has_decoder: true,
-    }
-}
 
 fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
@@ -362,7 +349,7 @@ fn layer_table(cfg: &VaeConfig) {
 }
 
 fn bench(c: &mut Criterion) {
-    let cfg = tiny_vae();
+    let cfg = VaeConfig::dpir_tiny();
     let weights: HashMap<String, Tensor> = seeded_random_weights(vae_spec(&cfg), 1)
         .into_iter()
         .collect();
@@ -374,12 +361,10 @@ fn bench(c: &mut Criterion) {
         Ok(d) => d,
         Err(e) => panic!("encoder: {e}"),
     };
-    if std::env::var_os("DPIR_BENCH_LAYERS").is_some() {
-        layer_table(&cfg);
-    }
     let z = rand_tensor(&[1, 16, 64, 64], 11);
     let img = rand_tensor(&[1, 3, 512, 512], 12);
     if std::env::var_os("DPIR_BENCH_LAYERS").is_some() {
+        layer_table(&cfg);
         let (w, c) = time_ms(3, || assert!(dec.decode(&z).is_ok()));
         println!("whole decoder: fastest wall {w:.1} ms, CPU {c:.1} ms");
         let (w, c) = time_ms(3, || assert!(enc.encode(&img).is_ok()));
@@ -390,28 +375,12 @@ fn bench(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1));
     let mut dec_t = Vec::new();
-    g.bench_function("decode_64x64_latent", |b| {
-        b.iter_custom(|iters| {
-            let s = Instant::now();
-            for _ in 0..iters {
-                assert!(dec.decode(&z).is_ok());
-            }
-            let e = s.elapsed();
-            dec_t.push(e.as_secs_f64() / iters as f64);
-            e
-        })
+    bench_recorded(&mut g, "decode_64x64_latent", &mut dec_t, || {
+        assert!(dec.decode(&z).is_ok())
     });
     let mut enc_t = Vec::new();
-    g.bench_function("encode_512x512_image", |b| {
-        b.iter_custom(|iters| {
-            let s = Instant::now();
-            for _ in 0..iters {
-                assert!(enc.encode(&img).is_ok());
-            }
-            let e = s.elapsed();
-            enc_t.push(e.as_secs_f64() / iters as f64);
-            e
-        })
+    bench_recorded(&mut g, "encode_512x512_image", &mut enc_t, || {
+        assert!(enc.encode(&img).is_ok())
     });
     g.finish();
     for (name, t, fl) in [
@@ -434,6 +403,26 @@ fn bench(c: &mut Criterion) {
             fl / m / 1e9
         );
     }
+}
+
+/// Benches `f` as `name`, also recording each sample's mean seconds per call into `times`.
+fn bench_recorded(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    times: &mut Vec<f64>,
+    mut f: impl FnMut(),
+) {
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let s = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            let e = s.elapsed();
+            times.push(e.as_secs_f64() / iters as f64);
+            e
+        })
+    });
 }
 
 criterion_group!(benches, bench);

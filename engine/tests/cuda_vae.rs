@@ -148,10 +148,7 @@ fn cuda_vae_matches_cpu() {
         true,
     );
     // (b) dpir-tiny's shape: [32, 64, 128, 128], two ResNets per level, both kernels.
-    let dpir_tiny = VaeConfig {
-        block_out_channels: vec![32, 64, 128, 128],
-        ..VaeConfig::sd3()
-    };
+    let dpir_tiny = VaeConfig::dpir_tiny();
     check_config(
         &mut rep,
         &dev,

@@ -172,6 +172,14 @@ impl VaeConfig {
         }
     }
 
+    /// The bundled dpir-tiny's VAE: SD3's layout at channels `[32, 64, 128, 128]`.
+    pub fn dpir_tiny() -> Self {
+        Self {
+            block_out_channels: vec![32, 64, 128, 128],
+            ..Self::sd3()
+        }
+    }
+
     /// A tiny VAE for tests: levels `[32, 64]` (one down/upsampling), one ResNet per
     /// level, 16 latent channels, SD3 scale and shift.
     pub fn tiny() -> Self {

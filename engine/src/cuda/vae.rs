@@ -1246,10 +1246,7 @@ mod tests {
         for (cfg, img, lat) in [
             (VaeConfig::tiny(), vec![2, 3, 16, 24], vec![2, 16, 4, 6]),
             (
-                VaeConfig {
-                    block_out_channels: vec![32, 64, 128, 128],
-                    ..VaeConfig::sd3()
-                },
+                VaeConfig::dpir_tiny(),
                 vec![1, 3, 32, 24],
                 vec![1, 16, 4, 3],
             ),
@@ -1395,10 +1392,7 @@ mod tests {
     #[test]
     fn tiny_configs_and_kernel_choice() {
         // dpir-tiny VAE: [32, 64, 128, 128], 2 ResNets per level.
-        let cfg = VaeConfig {
-            block_out_channels: vec![32, 64, 128, 128],
-            ..VaeConfig::sd3()
-        };
+        let cfg = VaeConfig::dpir_tiny();
         let generic: Vec<(usize, usize)> = steps(&cfg, Part::Decoder)
             .iter()
             .chain(steps(&cfg, Part::Encoder).iter())

@@ -487,17 +487,7 @@ mod tests {
 
     #[test]
     fn latent_scaling_round_trips() {
-        let cfg = VaeConfig {
-            in_channels: 3,
-            latent_channels: 16,
-            block_out_channels: vec![128, 256, 512, 512],
-            layers_per_block: 2,
-            norm_groups: 32,
-            scaling_factor: 1.5305,
-            shift_factor: 0.0609,
-            has_encoder: true,
-            has_decoder: true,
-        };
+        let cfg = VaeConfig::sd3();
         let mut z = Tensor::new(&[1, 2], vec![0.0609, 1.0609]).unwrap();
         to_model_latent(&mut z, &cfg);
         assert!(z.data[0].abs() < 1e-7 && (z.data[1] - 1.5305).abs() < 1e-6);
