@@ -112,9 +112,8 @@ def main(argv=None) -> int:
         print(f"error: cannot read fine-tune losses: {e}", file=sys.stderr)
         return 1
     if fine:
-        fine.insert(0, "- Fine-tunes, each continuing from the previous weights with "
-                       "`trainer/cpu_train.sh` (3000 LQ/HQ pairs per preset, 256² HQ; see "
-                       "`trainer/README.md`):")
+        fine.insert(0, "- Fine-tunes, each continuing from the previous one's weights "
+                       "(`--init-from`; how they were run: `trainer/README.md`):")
     fine_text = ("\n" + "\n".join(fine)) if fine else ""
     text = f"""# dpir-tiny
 

@@ -32,6 +32,8 @@ from .models import (DpirModel, Encoder, TinyConfig, Vae, param_count, to_scaled
 STAGES = ("vae", "robust", "dit")
 DEFAULT_SPLIT = {"vae": 0.35, "robust": 0.15, "dit": 0.50}
 PAIRS_FULL = 1000
+
+
 def lr_factor(step: int, warmup: int, now: float, deadline, cooldown_s: float) -> float:
     """Learning-rate multiplier: linear warm-up over `warmup` steps, then 1, falling linearly
     to 0 over the last `cooldown_s` seconds before the stage's deadline. It depends only on
