@@ -21,7 +21,7 @@ mkdir -p dist/bin
 cargo build --release -p dpir-cli
 cp target/release/dpir dist/bin/dpir
 # The test executables: cargo prints their paths as JSON artifacts.
-cargo test --release -p dpir-engine --test cuda_kernels --test cuda_mmdit --test cuda_vae --test cuda_clip --test cuda_restore --no-run --message-format=json 2>/dev/null \
+cargo test --release -p dpir-engine --test cuda_kernels --test cuda_mmdit --test cuda_vae --test cuda_clip --test cuda_restore --no-run --message-format=json \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -43,6 +43,10 @@ if ! ls .whl/diffusers-*.whl >/dev/null 2>&1; then
     diffusers==0.42.1 importlib_metadata==10.2.0 lazy_importer==0.1.0
 fi
 for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
+# The GPU machine has no .git: the stamp says which sources the binaries were built from
+# (device-check prints it), so a stale bundle shows in the run's log.
+{ git rev-parse HEAD; git diff --quiet HEAD -- engine cli kernels loader benches baselines Cargo.lock \
+    || echo "with local changes"; } > dist/bin/BUNDLE_COMMIT
 ls -la dist/bin
 tar -cJf dist/bundle.tar.xz.tmp -C dist bin && mv dist/bundle.tar.xz.tmp dist/bundle.tar.xz
 echo "dist/bundle.tar.xz: $(du -h dist/bundle.tar.xz | cut -f1) (carry: dist/bundle.tar.xz .whl)"

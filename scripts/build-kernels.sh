@@ -4,7 +4,8 @@
 #   NAME.sm_80.cubin    (A100 and later without sm_90a features)
 #   NAME.compute_90a.ptx (JIT fallback for newer GPUs)
 # and write the ptxas resource report (registers, spills, shared memory per kernel) to
-# kernels/compiled/RESOURCES.txt. The dpir-kernels crate embeds these files, so `cargo build`
+# kernels/compiled/RESOURCES.txt, then lint the sm_90a cubins for wgmma register hazards
+# (scripts/sass-lint.py). The dpir-kernels crate embeds these files, so `cargo build`
 # needs no CUDA toolchain.
 #
 #   scripts/build-kernels.sh           rebuild kernels/compiled/
@@ -69,6 +70,13 @@ done
 
 spills="$(grep -c "[1-9][0-9]* bytes spill" "$report" || true)"
 echo "kernels: $(ls "$SRC"/*.cu | wc -l) source files, spilling functions: $spills"
+
+# wgmma register hazards that ptxas can introduce from legal PTX (scripts/sass-lint.py).
+NVDISASM="$(find_nvdisasm install)" || exit 1
+export NVDISASM
+python3 scripts/sass-lint.py --self-test
+python3 scripts/sass-lint.py "$OUT"/*.sm_90a.cubin \
+  || { echo "error: wgmma register hazards in the sm_90a cubins (see above)" >&2; exit 1; }
 
 if [[ "$MODE" == check ]]; then
   cat "$report"

@@ -3,8 +3,8 @@
 # binaries prebuilt by scripts/build-device-bundle.sh (dist/bin/): the GPU tests, the
 # standalone kernel checks (dist/bin/*_check), the benches, and the baselines: candle CUDA
 # (dist/bin/candle_mmdit_cuda) and PyTorch (diffusers carried as wheels in .whl/). Every stage runs under a timeout; the whole run stays under
-# 8 minutes. Writes into OUTDIR (five files, no subfolders):
-#   tests.log  bench.log  torch.log  summary.json  summary.md
+# 8 minutes. Writes into OUTDIR five files and one folder:
+#   tests.log  bench.log  torch.log  summary.json  summary.md  json/ (each stage's JSON)
 # summary.json holds every stage's JSON (benches, profile, restore, baselines);
 # scripts/benchmarks-md.py turns it into the GPU section of docs/BENCHMARKS.md.
 # Prints a short table last.
@@ -25,8 +25,8 @@ except TypeError:  # Python without extraction filters
     t.extractall("dist")' \
     || { echo "error: dist/bundle.tar.xz: cannot unpack" >&2; exit 1; }
 fi
-J=$(mktemp -d)            # per-stage JSON, folded into summary.json at the end
-trap 'rm -rf "$J"' EXIT
+J="$OUT/json"             # per-stage JSON, folded into summary.json at the end; kept in
+mkdir -p "$J"             # OUTDIR so that a run cut short still returns what it measured
 START=$(date +%s)
 BUDGET=${DPIR_CHECK_BUDGET:-450}   # seconds for all stages (the table takes a few more)
 
@@ -64,13 +64,14 @@ export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "bundle: $(tr '\n' ' ' < dist/bin/BUNDLE_COMMIT 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2
   echo "CUDA library dirs: ${LIBPATH:-none found}"
   ls -la dist/bin 2>&1
 } > "$OUT/tests.log"
 
 if [[ -x dist/bin/cuda_kernels ]]; then
-  stage kernels 150 "$OUT/tests.log" dist/bin/cuda_kernels --nocapture --test-threads=1
+  stage kernels 60 "$OUT/tests.log" dist/bin/cuda_kernels --nocapture --test-threads=1
 else echo "== kernels: missing dist/bin/cuda_kernels" | tee -a "$OUT/tests.log"; RC[kernels]=missing; fi
 for t in mmdit:100 vae:60 clip:90 restore:90; do
   name=${t%%:*}; limit=${t##*:}
@@ -83,7 +84,7 @@ found_check=0
 for chk in dist/bin/*_check; do
   [[ -x "$chk" ]] || continue
   found_check=1
-  stage "$(basename "$chk")" 75 "$OUT/tests.log" "$chk"
+  stage "$(basename "$chk")" 40 "$OUT/tests.log" "$chk"
 done
 (( found_check )) || echo "== *_check: none bundled" >> "$OUT/tests.log"
 

@@ -747,10 +747,22 @@ fn gemm_cases(dev: &std::sync::Arc<CudaDevice>, rep: &mut Report, rng: &mut Rng)
                 })
             };
             let (vs_tanh, vs_erf) = (worst(gelu_ref), worst(gelu_erf_ref));
+            let abs_tanh = got.iter().enumerate().fold(0f32, |acc, (i, &g)| {
+                acc.max((g - gelu_ref(bias[i % n])).abs())
+            });
             println!(
-                "  GELU epilogue, elementwise: max rel err vs tanh-GELU {vs_tanh:.3e}, vs erf-GELU {vs_erf:.3e}"
+                "  GELU epilogue, elementwise: max rel err vs tanh-GELU {vs_tanh:.3e}, vs erf-GELU {vs_erf:.3e}; max abs err vs tanh-GELU {abs_tanh:.3e}"
             );
-            Ok((vs_tanh, 2e-2))
+            // A fast-tanh epilogue computes 1 + tanh(u) by cancellation below x = -2.3, so its
+            // relative error there can exceed the tanh/erf gap: the form is decided by which
+            // reference is closer, the accuracy by the absolute error (bf16 output rounding
+            // is up to 2e-3 at GELU(1) = 0.84).
+            if vs_tanh > vs_erf {
+                return Err(Error::Cuda(format!(
+                    "the epilogue is closer to erf-GELU ({vs_erf:.3e}) than to tanh-GELU ({vs_tanh:.3e})"
+                )));
+            }
+            Ok((abs_tanh, 4e-3))
         },
     );
     // Batched attention GEMMs of the unfused fallback.

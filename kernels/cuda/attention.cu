@@ -60,7 +60,7 @@
 //   spills 32 bytes on sm_90a (8 loop-invariant values, re-read from L1 once per K tile, next to
 //   128 MMAs per warp per tile, so it is left as is); sm_80: 127/128 registers, no spills.
 //   The w4 instantiations: 255 registers on sm_90a (plain and qk-norm), 253/255 on sm_80, no
-//   spills. v2 (wgmma and wgmma_poly, sm_90a only): 154/155 registers (qk-norm: 164) of the
+//   spills. v2 (sm_90a only): wgmma 154 registers (qk-norm: 163), wgmma_poly 157 (167) of the
 //   168 that 384 threads at 1 CTA per SM allow, no spills.
 //
 // Check and benchmark
@@ -587,7 +587,13 @@ extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_W4_THREADS, 2)
 //     per 8 columns is the A-fragment layout, so P is packed to bf16 in place, no smem trip).
 //   - Intra-warpgroup overlap as in FlashAttention-3: iteration t issues S_t, then the delayed
 //     P_{t-1} V_{t-1}, waits for S_t only, runs the online softmax of tile t while the tensor
-//     cores do P_{t-1} V_{t-1}, then waits for it and rescales O.
+//     cores do P_{t-1} V_{t-1} (the probabilities stay f32 in the S registers), then waits
+//     for it, rescales O and only then packs P_t to bf16 into the A-operand registers. Packing
+//     earlier (into a separate array copied into P after the wait, the first version) is legal
+//     PTX, but ptxas 13.0 merged the copy and wrote the registers of the in-flight P V wgmma
+//     before its wait (undefined behaviour per the PTX ISA's wgmma.wait_group); ptxas is only
+//     told the order through real data dependences, never through empty asm fences.
+//     scripts/sass-lint.py checks the cubin for such writes.
 //   - Softmax in the log2 domain with scale*log2(e) folded into one FMA per score; in the
 //     "poly" instantiation a quarter of the exp2 run on the FMA pipes (poly_exp2).
 //   - One __syncthreads per K/V tile (cp.async data of all threads landed + fence.proxy.async so
@@ -884,7 +890,6 @@ __device__ __forceinline__ void joint_attn_wgmma_body(const bf16* __restrict__ q
                 for (int e = 0; e < 4; ++e)
                     if (n0 + i * 8 + 2 * t4 + (e & 1) >= L) s[4 * i + e] = neg_inf();
         }
-        u32 pn[BN / 2];
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -908,8 +913,9 @@ __device__ __forceinline__ void joint_attn_wgmma_body(const bf16* __restrict__ q
                 const float p0 = poly ? poly_exp2(x0) : fast_exp2(x0);
                 const float p1 = poly ? poly_exp2(x1) : fast_exp2(x1);
                 sum += p0 + p1;
-                // Keys 16kk..16kk+15 (kk = i / 2): a0/a1 = n-tile 2kk rows g/g+8, a2/a3 = 2kk+1.
-                pn[4 * (i >> 1) + 2 * (i & 1) + r] = pack_bf16x2(p0, p1);
+                // f32 probabilities stay in s; packed into p only after the P V wait below.
+                s[4 * i + 2 * r] = p0;
+                s[4 * i + 2 * r + 1] = p1;
             }
             row_sum[r] = row_sum[r] * alpha[r] + sum;
         }
@@ -927,8 +933,12 @@ __device__ __forceinline__ void joint_attn_wgmma_body(const bf16* __restrict__ q
             o[4 * i + 2] *= alpha[1];
             o[4 * i + 3] *= alpha[1];
         }
+        // Keys 16kk..16kk+15 (kk = i / 2): a0/a1 = n-tile 2kk rows g/g+8, a2/a3 = 2kk+1.
 #pragma unroll
-        for (int i = 0; i < BN / 2; ++i) p[i] = pn[i];
+        for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                p[4 * (i >> 1) + 2 * (i & 1) + r] = pack_bf16x2(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]);
 
         // Tile t + 1 landed (all threads), visible to wgmma; stage of tile t - 1 retired.
         cp_async_wait<AHEAD - 1>();

@@ -20,3 +20,22 @@ find_nvcc() {
   echo "error: nvcc not found (run scripts/build-kernels.sh once to install the pinned CUDA 13.0 toolchain, or set NVCC / CUDA_HOME)" >&2
   return 1
 }
+
+# `find_nvdisasm [install]` prints the nvdisasm for scripts/sass-lint.py: $NVDISASM, else next
+# to the nvcc in use, else the pinned pip wheel in ${DPIR_NVDISASM_CACHE:-$HOME/.cache/dpir/
+# nvdisasm-13.2.86} (installed there with `install`; its own folder, because `pip --target`
+# would replace the toolchain's nvidia/ tree). A disassembler only reads cubins, so it need
+# not match the 13.0 pin: the earliest CUDA 13 nvdisasm wheel on PyPI is 13.2.86.
+find_nvdisasm() {
+  if [[ -n "${NVDISASM:-}" ]]; then echo "$NVDISASM"; return; fi
+  local nvcc; nvcc="$(find_nvcc 2>/dev/null)" || true
+  if [[ -n "$nvcc" && -x "$(dirname "$nvcc")/nvdisasm" ]]; then echo "$(dirname "$nvcc")/nvdisasm"; return; fi
+  local cache="${DPIR_NVDISASM_CACHE:-$HOME/.cache/dpir/nvdisasm-13.2.86}"
+  if [[ ! -x "$cache/nvidia/cu13/bin/nvdisasm" && "${1:-}" == install ]]; then
+    echo "nvdisasm not found: installing nvidia-cuda-nvdisasm==13.2.86 into $cache" >&2
+    python3 -m pip install -q --no-deps --target "$cache" nvidia-cuda-nvdisasm==13.2.86 >&2
+  fi
+  if [[ -x "$cache/nvidia/cu13/bin/nvdisasm" ]]; then echo "$cache/nvidia/cu13/bin/nvdisasm"; return; fi
+  echo "error: nvdisasm not found (set NVDISASM, or let scripts/build-kernels.sh install it)" >&2
+  return 1
+}
