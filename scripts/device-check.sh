@@ -64,7 +64,7 @@ export LD_LIBRARY_PATH="${LIBPATH}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  echo "bundle: $(tr '\n' ' ' < dist/bin/BUNDLE_COMMIT 2>/dev/null || echo unknown)"
+  echo "bundle: $(if [[ -f dist/bin/BUNDLE_COMMIT ]]; then tr '\n' ' ' < dist/bin/BUNDLE_COMMIT; else echo unknown; fi)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 2
   echo "CUDA library dirs: ${LIBPATH:-none found}"
   ls -la dist/bin 2>&1

@@ -43,9 +43,10 @@ dirs=()
 for preset in light standard; do
     seed=101; [[ $preset == standard ]] && seed=202
     d="$work/pairs-$preset"
-    # Skips the pairs already written: a rerun costs nothing.
+    # Skips the pairs already written: a rerun costs nothing. Progress goes to stderr; keep
+    # the last line (the summary, or the error).
     "$dpir" degrade --pairs "$pairs" --crop 256 --downscale 1 --preset "$preset" --scale 4 \
-        --seed "$seed" -o "$d" "$data" | tail -n 1
+        --seed "$seed" -o "$d" "$data" 2>&1 | tail -n 1
     dirs+=("$d")
 done
 
