@@ -594,6 +594,13 @@ extern "C" __global__ void __launch_bounds__(JOINT_ATTN_HD64_W4_THREADS, 2)
 //     before its wait (undefined behaviour per the PTX ISA's wgmma.wait_group); ptxas is only
 //     told the order through real data dependences, never through empty asm fences.
 //     scripts/sass-lint.py checks the cubin for such writes.
+//     In the SASS, ptxas 13.0 then issues the P V wait right after the S wait, before the row
+//     max, so within a warpgroup the softmax no longer overlaps P V (the warpgroups still
+//     overlap each other). Tried without changing that placement (SASS inspected, none run):
+//     rescaling O before the P V issue (FlashAttention-3's order); double-buffered P, packed
+//     during the exp2 into the buffer P_{t-2} V_{t-2} read (at 3 warpgroups: 168 registers,
+//     spills and serialised wgmma, ptxas C7512; at 2 warpgroups, BLOCK_M 128: 198 registers,
+//     no spills, same wait placement).
 //   - Softmax in the log2 domain with scale*log2(e) folded into one FMA per score; in the
 //     "poly" instantiation a quarter of the exp2 run on the FMA pipes (poly_exp2).
 //   - One __syncthreads per K/V tile (cp.async data of all threads landed + fence.proxy.async so
