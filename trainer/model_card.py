@@ -53,6 +53,8 @@ def what_trained(run: dict, stage: str) -> str:
     if lr:
         extra.append(f"lr {lr:g}" + (f", falling to 0 over the last {run['cooldown']:g} min"
                                      if run.get("cooldown") else ""))
+    if run.get("worst_pixels") and stage == "vae":
+        extra.append(f"worst-pixel loss {run['worst_pixels']:g}")
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

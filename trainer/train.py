@@ -46,7 +46,19 @@ def lr_factor(step: int, warmup: int, now: float, deadline, cooldown_s: float) -
 
 # The flags that say what a run trained, recorded in losses.json.
 RUN_KEYS = ("stage", "vae_decoder_only", "init_from", "crop", "batch_vae", "batch_dit",
-            "lr_vae", "lr_robust", "lr_dit", "cooldown")
+            "lr_vae", "lr_robust", "lr_dit", "cooldown", "worst_pixels")
+
+
+# The share of pixels per image that --worst-pixels averages over.
+WORST_FRAC = 0.005
+
+
+def worst_pixels(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the mean L1 error (over channels) of each image's worst
+    ceil(WORST_FRAC * H * W) pixels. rec, target: [B, C, H, W]."""
+    e = (rec - target).abs().mean(dim=1).flatten(1)
+    k = max(1, math.ceil(WORST_FRAC * e.shape[1]))
+    return e.topk(k, dim=1).values.mean()
 
 
 def now() -> str:
@@ -99,6 +111,10 @@ def parse_args(argv=None):
     a.add_argument("--cooldown", type=float, default=0.0, metavar="MIN",
                    help="over a timed stage's last MIN minutes the learning rate falls "
                         "linearly to 0 (a fine-tune ends on settled weights)")
+    a.add_argument("--worst-pixels", type=float, default=0.0, metavar="W",
+                   help="VAE stage: add W times the mean L1 error of each image's worst "
+                        "WORST_FRAC of pixels to the loss (rare, large errors such as coloured "
+                        "dots weigh little in a plain mean); 0 (default) leaves it out")
     a.add_argument("--scale", type=int, default=4)
     a.add_argument("--ckpt-every", type=float, default=60.0, help="seconds")
     a.add_argument("--export-every", type=float, default=60.0, help="seconds")
@@ -370,6 +386,13 @@ class Runner:
         target_std = 1.0 / VAE_SCALE
 
         rob = self.st.robust.eval().requires_grad_(False) if self.st.robust_init else None
+        w_worst = self.args.worst_pixels
+
+        def with_worst(loss, parts, rec, target):
+            if not w_worst:
+                return loss, parts
+            w = worst_pixels(rec, target)
+            return loss + w_worst * w, {**parts, "worst": w.item()}
 
         def robust_step():
             # Decode what restoration decodes: the robust encoder's latent of the upscaled
@@ -384,7 +407,8 @@ class Runner:
             l2 = ((rec - hq) ** 2).mean()
             loss = l1 + l2
             psnr = -10 * math.log10(max(l2.item() / 4, 1e-10))
-            return loss, {"loss": loss.item(), "l1": l1.item(), "psnr_lq": psnr}
+            return with_worst(loss, {"loss": loss.item(), "l1": l1.item(), "psnr_lq": psnr},
+                              rec, hq)
 
         def step_fn():
             if dec_only and rob is not None and self.st.steps["vae"] % 2 == 1:
@@ -402,7 +426,8 @@ class Runner:
                 # The frozen encoder's latent statistics are what they are: pixels only.
                 loss = l1 + l2
                 psnr = -10 * math.log10(max(l2.item() / 4, 1e-10))
-                return loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr}
+                return with_worst(loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr},
+                                  rec, x)
             kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
             # Keep the latent statistics at SD3's (shift 0.0609, scale 1.5305), so the
             # standard latent normalisation gives the diffusion model unit-variance input.
@@ -411,7 +436,8 @@ class Runner:
             mom = ((m_c - VAE_SHIFT) ** 2).mean() + ((s_c - target_std) ** 2).mean()
             loss = l1 + l2 + 1e-6 * kl + 0.1 * mom
             psnr = -10 * math.log10(max(l2.item() / 4, 1e-10))
-            return loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr, "mom": mom.item()}
+            return with_worst(loss, {"loss": loss.item(), "l1": l1.item(), "psnr": psnr,
+                                     "mom": mom.item()}, rec, x)
 
         self.run_loop("vae", deadline, opt, params, step_fn, self.args.lr_vae)
         vae.eval().requires_grad_(True)

@@ -106,6 +106,41 @@ class TrainerTests(unittest.TestCase):
         self.assertEqual(T.lr_factor(80, 50, 1200.0, 1000.0, 600.0), 0.0)
         self.assertEqual(T.lr_factor(80, 50, 999.0, 1000.0, 0.0), 1.0)
 
+    def test_worst_pixels(self):
+        # 10x10 images: ceil(0.005 * 100) = 1 pixel each; the error is averaged over channels.
+        target = torch.zeros(2, 3, 10, 10)
+        rec = target.clone()
+        rec[0, :, 4, 7] = 3.0
+        rec[0, 0, 1, 1] = 0.9
+        rec[1, 2, 9, 0] = -0.5
+        self.assertAlmostEqual(T.worst_pixels(rec, target).item(), (3.0 + 0.5 / 3) / 2, places=6)
+        # 40x40: the worst 8 pixels of each image.
+        rec = torch.zeros(1, 1, 40, 40)
+        rec.view(-1)[:10] = torch.arange(1.0, 11.0)
+        self.assertAlmostEqual(T.worst_pixels(rec, torch.zeros_like(rec)).item(),
+                               sum(range(3, 11)) / 8, places=5)
+        run = {"crop": 128, "lr_vae": 1e-4, "worst_pixels": 0.25}
+        self.assertEqual(model_card.what_trained(run, "vae"),
+                         "VAE (128² crops, lr 0.0001, worst-pixel loss 0.25)")
+
+    def test_latent_outliers_finds_the_canyon_wren_dot(self):
+        # The bundled model on the bundled example: the largest latent sits at the wren's eye,
+        # and the decoder's activation there grows to > 50x the median (a dot in the output).
+        from trainer import latent_outliers
+        root = os.path.join(os.path.dirname(__file__), "..", "..")
+        t = latent_outliers.trace(os.path.join(root, "models", "dpir-tiny"),
+                                  os.path.join(root, "examples", "canyon-wren.png"))
+        self.assertEqual(t["at"], (8, 24, 34))
+        self.assertAlmostEqual(t["z"].abs().max().item(), 17.6, delta=0.1)
+        names = [r[0] for r in t["rows"]]
+        self.assertEqual(names[0], "conv_in")
+        self.assertEqual(names[-1], "norm_out + SiLU")
+        name, shape, mx, near, med = t["rows"][-2]  # the last ResNet block
+        self.assertEqual((name, shape), ("up0.block2", (32, 512, 512)))
+        self.assertEqual(near, mx)
+        self.assertGreater(mx / med, 50)
+        self.assertLess(t["rows"][0][2] / t["rows"][0][4], 10)
+
     def test_resume_matches_uninterrupted(self):
         # Train 4 steps == train 2 steps, stop, resume to 4: same losses and weights.
         for stage in ("vae", "robust", "dit"):
