@@ -613,7 +613,8 @@ pub fn run(args: Args) -> CliResult {
     if items.is_empty() {
         return Err("no input images found".into());
     }
-    std::fs::create_dir_all(&args.output).map_err(|e| format!("{}: {e}", args.output.display()))?;
+    // The output folder is made by the first image written: a run in which every image
+    // fails (or the model does not load) leaves nothing behind.
 
     let params = RestoreParams {
         scale: args.scale,
