@@ -71,11 +71,16 @@ build_check() {
     cat "dist/bin/${name}_ptxas.txt"
     # The check program's own sm_90a image (-lineinfo, other translation unit): the same
     # wgmma register-hazard lint as the production cubins (scripts/sass-lint.py).
-    local cubin; cubin="$(mktemp --suffix=.cubin)"
+    local cubin nvd
+    nvd="$(find_nvdisasm install)" || exit 1
+    cubin="$(mktemp --suffix=.cubin)"
     "$NVCC_BIN" -cubin -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
         "kernels/dev/${name}_check.cu" -o "$cubin"
-    NVDISASM="$(find_nvdisasm install)" python3 scripts/sass-lint.py "$cubin" \
-        || { rm -f "$cubin"; echo "error: wgmma register hazards in ${name}_check" >&2; exit 1; }
+    NVDISASM="$nvd" python3 scripts/sass-lint.py "$cubin" || {
+        rm -f "$cubin"
+        echo "error: scripts/sass-lint.py failed on ${name}_check: hazards or a tool error (above)" >&2
+        exit 1
+    }
     rm -f "$cubin"
     local glibc_max
     glibc_max="$(objdump -T "dist/bin/${name}_check" 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1 || true)"

@@ -45,7 +45,8 @@ fi
 for f in dist/bin/*; do strip "$f" 2>/dev/null || true; done
 # The GPU machine has no .git: the stamp says which sources the binaries were built from
 # (device-check prints it), so a stale bundle shows in the run's log.
-{ git rev-parse HEAD; git diff --quiet HEAD -- engine cli kernels loader benches baselines Cargo.lock \
+src=(engine cli kernels loader degrade benches baselines Cargo.toml Cargo.lock)
+{ git rev-parse HEAD; [[ -z "$(git status --porcelain -- "${src[@]}")" ]] \
     || echo "with local changes"; } > dist/bin/BUNDLE_COMMIT
 ls -la dist/bin
 tar -cJf dist/bundle.tar.xz.tmp -C dist bin && mv dist/bundle.tar.xz.tmp dist/bundle.tar.xz

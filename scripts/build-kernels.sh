@@ -76,7 +76,7 @@ NVDISASM="$(find_nvdisasm install)" || exit 1
 export NVDISASM
 python3 scripts/sass-lint.py --self-test
 python3 scripts/sass-lint.py "$OUT"/*.sm_90a.cubin \
-  || { echo "error: wgmma register hazards in the sm_90a cubins (see above)" >&2; exit 1; }
+  || { echo "error: scripts/sass-lint.py failed on the sm_90a cubins: hazards or a tool error (above)" >&2; exit 1; }
 
 if [[ "$MODE" == check ]]; then
   cat "$report"

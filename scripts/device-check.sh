@@ -26,7 +26,8 @@ except TypeError:  # Python without extraction filters
     || { echo "error: dist/bundle.tar.xz: cannot unpack" >&2; exit 1; }
 fi
 J="$OUT/json"             # per-stage JSON, folded into summary.json at the end; kept in
-mkdir -p "$J"             # OUTDIR so that a run cut short still returns what it measured
+rm -rf "$J"               # OUTDIR so that a run cut short still returns what it measured
+mkdir -p "$J"             # (emptied first: a reused OUTDIR must not report an old run)
 START=$(date +%s)
 BUDGET=${DPIR_CHECK_BUDGET:-450}   # seconds for all stages (the table takes a few more)
 

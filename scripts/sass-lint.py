@@ -31,8 +31,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "sass-lint-fixtures")
 WAIT_ALL = "WARPGROUP.DEPBAR.LE gsb0, 0x0"
 # Opcodes whose first operand is not a destination register.
-NO_DEST = ("ST", "BRA", "BAR", "RED", "ATOM", "LDGSTS", "EXIT", "RET", "CALL", "WARPGROUP",
+NO_DEST = ("ST", "BRA", "BAR", "RED", "LDGSTS", "EXIT", "RET", "CALL", "WARPGROUP",
            "DEPBAR", "NOP", "MEMBAR", "FENCE", "SYNCS", "ARRIVES", "BSYNC", "BSSY", "WARPSYNC")
+HGMMA_RE = re.compile(r"(?:@!?U?P\w+\s+)?HGMMA\.64x(\d+)x16\S*\s+R(\d+),\s*(\S+),")
+PRED = re.compile(r"!?U?P(T|\d+)$")
 
 
 def nvdisasm() -> str:
@@ -82,11 +84,21 @@ def split(ins: str):
 def written(op: str, operands: list) -> set:
     if not operands or op.startswith(NO_DEST) or op.startswith("HGMMA"):
         return set()
-    m = re.match(r"R(\d+)$", operands[0])
+    dest = operands[0]
+    # SHFL, LOP3 and ATOM put a predicate result first, the register result second.
+    if PRED.match(dest) and op.startswith(("SHFL", "LOP3", "ATOM")) and len(operands) > 1:
+        dest = operands[1]
+    m = re.match(r"R(\d+)$", dest)
     if not m:
         return set()
     r = int(m.group(1))
-    width = 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
+    if ".128" in op or re.search(r"\.M(T)?88\.4", op):
+        width = 4
+    elif (".64" in op or ".WIDE" in op or re.search(r"\.M(T)?88\.2", op) or op.startswith("D")
+          or (op.startswith("CS2R") and ".32" not in op)):
+        width = 2
+    else:
+        width = 1
     return set(range(r, r + width))
 
 
@@ -98,12 +110,16 @@ def walk(instrs, labels, start, stop):
         while j < len(instrs) and j not in seen:
             seen.add(j)
             text = instrs[j][1]
-            if stop(text) or split(text)[0] == "EXIT":
+            # A predicated wait or EXIT may not run: only an unpredicated one ends the path.
+            if not text.startswith("@") and (stop(text) or text == "EXIT"):
                 break
             yield j
-            m = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", text)
-            if m and m.group(1) in labels:
-                if text.startswith("@"):
+            op, operands = split(text)
+            m = re.search(r"`\((\.L_x_\d+)\)", text)
+            if op.startswith(("BRX", "JMX")):
+                raise ValueError(f"indirect branch at {instrs[j][0]:04x}: {text}")
+            if op.startswith("BRA") and m and m.group(1) in labels:
+                if text.startswith("@") or len(operands) > 1 or op != "BRA":
                     stack.append(labels[m.group(1)])
                 else:
                     j = labels[m.group(1)]
@@ -116,7 +132,7 @@ def lint(funcs: dict) -> list:
     found = []
     for name, (instrs, labels) in funcs.items():
         for i, (addr, text) in enumerate(instrs):
-            m = re.match(r"HGMMA\.64x(\d+)x16\S*\s+R(\d+),\s*(\S+),", text)
+            m = HGMMA_RE.match(text)
             if not m:
                 continue
             n, d0, a = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -135,16 +151,22 @@ def lint(funcs: dict) -> list:
                 if written(op, operands) & a_regs:
                     found.append((name, addr, text, *instrs[j], "writes the A operand"))
                 regs = {int(x) for x in re.findall(r"\bR(\d+)\b", instrs[j][1])}
-                if regs & acc:
+                if (regs | written(op, operands)) & acc:
                     found.append((name, addr, text, *instrs[j], "touches the accumulators"))
     return found
 
 
 def report(path: str) -> int:
     funcs = parse(sass_text(path))
+    if not funcs:
+        raise ValueError(f"{path}: no code sections found in the disassembly")
+    for name, (instrs, _) in funcs.items():
+        seen = sum(1 for _, t in instrs if "HGMMA" in t)
+        if seen != sum(1 for _, t in instrs if HGMMA_RE.match(t)):
+            raise ValueError(f"{path}: {name}: an HGMMA form the lint does not parse")
     hazards = lint(funcs)
     for name in funcs:
-        n = sum(1 for _, t in funcs[name][0] if t.startswith("HGMMA"))
+        n = sum(1 for _, t in funcs[name][0] if HGMMA_RE.match(t))
         if n:
             k = sum(1 for h in hazards if h[0] == name)
             print(f"{os.path.basename(path)}: {name}: {n} HGMMA, {k} hazards")
@@ -174,7 +196,7 @@ def main(argv) -> int:
         return 2
     try:
         return max(report(p) for p in argv)
-    except (OSError, subprocess.CalledProcessError) as e:
+    except (OSError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: sass-lint: {e}", file=sys.stderr)
         return 2
 

@@ -43,10 +43,13 @@ dirs=()
 for preset in light standard; do
     seed=101; [[ $preset == standard ]] && seed=202
     d="$work/pairs-$preset"
-    # Skips the pairs already written: a rerun costs nothing. Progress goes to stderr; keep
-    # the last line (the summary, or the error).
-    "$dpir" degrade --pairs "$pairs" --crop 256 --downscale 1 --preset "$preset" --scale 4 \
-        --seed "$seed" -o "$d" "$data" 2>&1 | tail -n 1
+    # Skips the pairs already written: a rerun costs nothing. Its progress (stderr) goes to a
+    # log, shown only if it fails; the summary line (stdout) is printed.
+    if ! "$dpir" degrade --pairs "$pairs" --crop 256 --downscale 1 --preset "$preset" --scale 4 \
+        --seed "$seed" -o "$d" "$data" 2>"$work/degrade-$preset.log"; then
+        cat "$work/degrade-$preset.log" >&2
+        exit 1
+    fi
     dirs+=("$d")
 done
 

@@ -113,7 +113,7 @@ def parse_args(argv=None):
                         "linearly to 0 (a fine-tune ends on settled weights)")
     a.add_argument("--worst-pixels", type=float, default=0.0, metavar="W",
                    help="VAE stage: add W times the mean L1 error of each image's worst "
-                        "WORST_FRAC of pixels to the loss (rare, large errors such as coloured "
+                        "0.5%% of pixels to the loss (rare, large errors such as coloured "
                         "dots weigh little in a plain mean); 0 (default) leaves it out")
     a.add_argument("--scale", type=int, default=4)
     a.add_argument("--ckpt-every", type=float, default=60.0, help="seconds")
@@ -392,7 +392,8 @@ class Runner:
             if not w_worst:
                 return loss, parts
             w = worst_pixels(rec, target)
-            return loss + w_worst * w, {**parts, "worst": w.item()}
+            total = loss + w_worst * w
+            return total, {**parts, "loss": total.item(), "worst": w.item()}
 
         def robust_step():
             # Decode what restoration decodes: the robust encoder's latent of the upscaled

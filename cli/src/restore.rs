@@ -584,6 +584,33 @@ fn restore_one(
     Ok((w, h))
 }
 
+/// The folders `create` made for a path (deepest last); on drop, each one still empty is
+/// removed again, deepest first.
+struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    fn create(dir: &Path) -> Result<Self, String> {
+        let made: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self(made))
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        // `made` runs from the deepest folder up; remove_dir leaves non-empty ones alone.
+        for d in &self.0 {
+            if std::fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (
         std::fs::canonicalize(a),
@@ -613,8 +640,10 @@ pub fn run(args: Args) -> CliResult {
     if items.is_empty() {
         return Err("no input images found".into());
     }
-    // The output folder is made by the first image written: a run in which every image
-    // fails (or the model does not load) leaves nothing behind.
+    // Made up front, so that an unwritable output fails before any image is restored; the
+    // folders made here are removed again on exit if nothing was written into them, so a run
+    // in which every image fails (or the model does not load) leaves nothing behind.
+    let _output_dir = MadeDirs::create(&args.output)?;
 
     let params = RestoreParams {
         scale: args.scale,

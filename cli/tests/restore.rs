@@ -394,6 +394,51 @@ fn output_dir_is_a_file() {
 }
 
 #[test]
+fn output_under_a_file_fails_before_restoring() {
+    let dir = scratch("out_under_file");
+    let input = dir.join("in.png");
+    write_png(&input, 16, 16);
+    std::fs::write(dir.join("f"), b"x").unwrap();
+    let out = dir.join("f").join("out");
+    let o = bin()
+        .args(["restore", "--model"])
+        .arg(tiny_model())
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    // One line, before any image: no "[1/1]" progress, no per-image error.
+    assert_eq!(
+        stderr_lines(&o),
+        vec![format!(
+            "error: {}: Not a directory (os error 20)",
+            out.display()
+        )]
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).is_empty());
+}
+
+#[test]
+fn nested_output_folders_are_removed_when_nothing_is_written() {
+    let dir = scratch("nested_out");
+    let input = dir.join("in.png");
+    std::fs::write(&input, b"not a png").unwrap();
+    let out = dir.join("a").join("b");
+    let o = bin()
+        .args(["restore", "--model"])
+        .arg(tiny_model())
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!dir.join("a").exists(), "{:?}", listing(&dir));
+}
+
+#[test]
 fn input_is_output() {
     let dir = scratch("in_is_out");
     let input = dir.join("in.png");

@@ -640,11 +640,13 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// Pins a register value at this point of the program: reads of a wgmma accumulator must not be
-// moved above the wgmma.wait_group that completes it.
+// Pins a register value at this point of the PTX: NVVM must not move reads of a wgmma
+// accumulator above the wgmma.wait_group that completes it. The empty asm emits no instruction,
+// so ptxas never sees it: it orders the PTX, not the SASS (see the v2 notes on P).
 __device__ __forceinline__ void reg_fence(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-// Keeps the A-fragment registers of an in-flight wgmma live until this point, so that the
-// compiler cannot put new values (the next P) into them before the wgmma.wait_group.
+// The same for A-fragment registers: keeps their values live in the PTX up to this point. It
+// did not stop ptxas from reusing them while the wgmma was in flight; writing the next P only
+// after the wait does.
 __device__ __forceinline__ void reg_fence(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
 
 // Shared-memory matrix descriptor of a 128-byte-swizzled operand (the swizzle atom is 8 rows x

@@ -25,7 +25,7 @@ find_nvcc() {
 # to the nvcc in use, else the pinned pip wheel in ${DPIR_NVDISASM_CACHE:-$HOME/.cache/dpir/
 # nvdisasm-13.2.86} (installed there with `install`; its own folder, because `pip --target`
 # would replace the toolchain's nvidia/ tree). A disassembler only reads cubins, so it need
-# not match the 13.0 pin: the earliest CUDA 13 nvdisasm wheel on PyPI is 13.2.86.
+# not match the 13.0 pin (PyPI has no 13.0 nvdisasm wheel; 13.2.86 is pinned).
 find_nvdisasm() {
   if [[ -n "${NVDISASM:-}" ]]; then echo "$NVDISASM"; return; fi
   local nvcc; nvcc="$(find_nvcc 2>/dev/null)" || true
