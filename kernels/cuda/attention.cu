@@ -848,7 +848,7 @@ __device__ __forceinline__ void joint_attn_wgmma_body(const bf16* __restrict__ q
     float o[HD / 2];
 #pragma unroll
     for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
-    u32 p[BN / 2];  // P of the previous tile as A fragments: p[4*kk + (0..3)] for keys 16kk..
+    u32 p[BN / 4];  // P of the previous tile as A fragments: p[4*kk + (0..3)] for keys 16kk..
     float row_max[2] = {neg_inf(), neg_inf()};  // scaled (log2) domain
     float row_sum[2] = {0.f, 0.f};              // per-thread partials (quad-reduced at the end)
     const float sl2 = scale * 1.4426950408889634f;
@@ -934,7 +934,7 @@ __device__ __forceinline__ void joint_attn_wgmma_body(const bf16* __restrict__ q
 #pragma unroll
         for (int i = 0; i < HD / 2; ++i) reg_fence(o[i]);
 #pragma unroll
-        for (int i = 0; i < BN / 2; ++i) reg_fence(p[i]);
+        for (int i = 0; i < BN / 4; ++i) reg_fence(p[i]);
 #pragma unroll
         for (int i = 0; i < HD / 8; ++i) {
             o[4 * i + 0] *= alpha[0];
