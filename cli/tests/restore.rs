@@ -400,14 +400,7 @@ fn output_under_a_file_fails_before_restoring() {
     write_png(&input, 16, 16);
     std::fs::write(dir.join("f"), b"x").unwrap();
     let out = dir.join("f").join("out");
-    let o = bin()
-        .args(["restore", "--model"])
-        .arg(tiny_model())
-        .arg(&input)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = restore(&dir, &[], &[&input], &out);
     assert_eq!(o.status.code(), Some(1));
     // One line, before any image: no "[1/1]" progress, no per-image error.
     assert_eq!(
@@ -426,14 +419,7 @@ fn nested_output_folders_are_removed_when_nothing_is_written() {
     let input = dir.join("in.png");
     std::fs::write(&input, b"not a png").unwrap();
     let out = dir.join("a").join("b");
-    let o = bin()
-        .args(["restore", "--model"])
-        .arg(tiny_model())
-        .arg(&input)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = restore(&dir, &[], &[&input], &out);
     assert_eq!(o.status.code(), Some(1));
     assert!(!dir.join("a").exists(), "{:?}", listing(&dir));
 }
