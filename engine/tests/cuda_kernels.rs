@@ -898,6 +898,8 @@ fn attention_cases(
         (2, 77, 300, 3),
         (1, 154, 1024, 2),
         (2, 1, 129, 1),
+        // L = 768: whole tiles for every variant (128 keys; 128- and 192-row query blocks).
+        (1, 128, 640, 1),
     ];
     for (path, variant, fused_norm) in &all_paths {
         let (variant, fused_norm) = (*variant, *fused_norm);
