@@ -41,21 +41,32 @@ def trace(model: str, image: str, scale: int = 4) -> dict:
         near = a[max(0, (y0 - 2) * s):(y0 + 3) * s, max(0, (x0 - 2) * s):(x0 + 3) * s].max()
         rows.append((name, tuple(h.shape[1:]), a.max().item(), near.item(), a.median().item()))
 
+    # Hooks on the decoder's blocks, in the order its forward runs them: the decoder itself
+    # computes, this only records. Labels: conv_in, mid.block_1, up3.block0, up3.upsample, ...
     dec = st.vae.decoder
-    h = dec.conv_in(m)
-    row("conv_in", h)
-    for name in ("block_1", "attn_1", "block_2"):
-        h = getattr(dec.mid, name)(h)
-        row(f"mid.{name}", h)
-    for i in reversed(range(len(dec.up))):
-        lvl = dec.up[i]
-        for j, blk in enumerate(lvl.block):
-            h = blk(h)
-            row(f"up{i}.block{j}", h)
-        if hasattr(lvl, "upsample"):
-            h = lvl.upsample(h)
-            row(f"up{i}.upsample", h)
-    row("norm_out + SiLU", torch.nn.functional.silu(dec.norm_out(h)))
+    hooks = []
+    for name, mod in dec.named_modules():
+        parts = name.split(".")
+        if name == "norm_out":
+            label = "norm_out + SiLU"
+            hooks.append(mod.register_forward_hook(
+                lambda _m, _i, out, label=label: row(label, torch.nn.functional.silu(out))))
+            continue
+        if name in ("conv_in", "mid.block_1", "mid.attn_1", "mid.block_2"):
+            label = name
+        elif parts[0] == "up" and len(parts) == 4 and parts[2] == "block":
+            label = f"up{parts[1]}.block{parts[3]}"
+        elif parts[0] == "up" and len(parts) == 3 and parts[2] == "upsample":
+            label = f"up{parts[1]}.upsample"
+        else:
+            continue
+        hooks.append(mod.register_forward_hook(
+            lambda _m, _i, out, label=label: row(label, out)))
+    try:
+        dec(m)
+    finally:
+        for hk in hooks:
+            hk.remove()
     return {"z": z, "at": (c, y0, x0), "rows": rows}
 
 

@@ -224,7 +224,7 @@ fn check_bad_file(test: &str, file_name: &str, bytes: &[u8], expected_cause: &st
         "{test}"
     );
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
-    // Not even the output folder: it is made by the first image written.
+    // Not even the output folder: the one the run made is removed when nothing was written.
     assert!(
         !out_dir.exists(),
         "{test}: partial output {:?}",
