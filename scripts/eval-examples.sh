@@ -4,7 +4,8 @@
 # examples were cut from (remade from the photos by trainer/example_crops.py). Y-channel
 # PSNR/SSIM, 4-px border (`dpir compare`). The photos are in dpir-tiny's training set, so
 # this shows the command at work; docs/RESULTS.md measures on held-out photos.
-#   scripts/eval-examples.sh [PHOTO_ROOT]   (PYTHON=python with Pillow)
+#   scripts/eval-examples.sh [PHOTO_ROOT]   (PYTHON=python with Pillow; MODEL=DIR scores
+#                                           another model folder instead of the bundled one)
 set -euo pipefail
 root="$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)"
 cd "$root"
@@ -16,7 +17,9 @@ dpir="$root/target/release/dpir"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$py" trainer/example_crops.py "$src" "$work/hq"
-"$dpir" restore examples -o "$work/out" >&2
+model=()
+[[ -n "${MODEL:-}" ]] && model=(--model "$MODEL")
+"$dpir" restore "${model[@]}" examples -o "$work/out" >&2
 echo "dpir-tiny (CLI defaults):"
 "$dpir" compare "$work/hq" "$work/out"
 echo "bicubic x4:"
